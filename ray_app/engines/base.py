@@ -1,0 +1,143 @@
+"""One engine interface for every backend, and the config that picks one.
+
+An engine turns chat conversations into yes/no scores and into generated text. Both built-in
+engines render conversations to token ids with the same chat formatter, so the same model gives
+the same scores through either (within numerical tolerance).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+from ray_app.prompts import Conversation
+from ray_app.scoring import AnswerTokens, answer_tokens
+
+# End-of-turn markers of common chat templates: generation stops at any of them.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
+
+
+@dataclass
+class EngineConfig:
+    """How to load and run the model. Every field can be set from the job's YAML or CLI."""
+
+    engine: str = field(
+        default="transformers",
+        metadata={"doc": "'transformers', 'vllm', or 'package.module:Class' for your own."},
+    )
+    model: str = field(
+        default="qwen2.5-coder-1.5b-instruct",
+        metadata={"doc": "A pip-installed model name, a Hugging Face folder, or a .gguf file."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"doc": "'float32', 'bfloat16', 'float16' or 'auto' (bf16 on GPU, fp32 on CPU)."},
+    )
+    device: str = field(default="auto", metadata={"doc": "'auto', 'cpu' or 'cuda'."})
+    batch_size: int = field(default=8, metadata={"doc": "Prompts per forward pass."})
+    max_context_tokens: int = field(
+        default=4096,
+        metadata={"doc": "Prompt + answer budget; longer reports are shortened and flagged."},
+    )
+    min_shared_prefix: int = field(
+        default=32,
+        metadata={"doc": "transformers: run a prefix this long shared by consecutive prompts once."},
+    )
+    max_new_tokens: int = field(default=256, metadata={"doc": "Longest summary generated."})
+    repetition_penalty: float = field(
+        default=1.0, metadata={"doc": "Summary decoding (greedy); the reference used 1.15."}
+    )
+    cpu_threads: int | None = field(
+        default=None, metadata={"doc": "torch threads on CPU; None = all cores of the process."}
+    )
+    adapter: str | None = field(default=None, metadata={"doc": "Folder of a peft LoRA adapter."})
+    tensor_parallel_size: int = field(default=1, metadata={"doc": "vLLM: GPUs per engine."})
+    enable_prefix_caching: bool = field(default=True, metadata={"doc": "vLLM: reuse prompt KV."})
+    gpu_memory_utilization: float = field(default=0.85, metadata={"doc": "vLLM: GPU share."})
+    engine_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"doc": "Extra keyword arguments for the backend."}
+    )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+
+
+class ChatFormatter:
+    """Renders conversations through the tokenizer's own chat template to token ids."""
+
+    def __init__(self, tokenizer: Any):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat "
+                "template; use an instruct/chat model"
+            )
+        self.tokenizer = tokenizer
+        self.answer_tokens: AnswerTokens = answer_tokens(tokenizer)
+
+    def render(self, conversation: Conversation) -> str:
+        return self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+
+    def token_ids(self, conversation: Conversation) -> list[int]:
+        # Rendered text already holds the template's special tokens: do not add them twice.
+        return self.tokenizer.encode(self.render(conversation), add_special_tokens=False)
+
+    def count_tokens(self, conversation: Conversation) -> int:
+        return len(self.token_ids(conversation))
+
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end the assistant's turn: every engine stops generating at the same ones."""
+        vocab = self.tokenizer.get_vocab()
+        ids = {vocab[t] for t in _END_OF_TURN if t in vocab}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+
+class Engine(ABC):
+    """What the labeller needs from a backend."""
+
+    #: short backend name recorded in every output row
+    name: str = "engine"
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str:
+        """What model produced the scores (recorded in every output row)."""
+
+    @abstractmethod
+    def count_tokens(self, conversation: Conversation) -> int:
+        """Prompt length in tokens, as this engine will see it."""
+
+    @abstractmethod
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        """p(yes) / (p(yes) + p(no)) for the first answer token of each conversation."""
+
+    @abstractmethod
+    def generate(self, conversations: Sequence[Conversation]) -> list[Generation]:
+        """Greedy completion of each conversation (summaries)."""
+
+    def close(self) -> None:
+        """Release the model (GPU memory, worker processes)."""
+
+
+def model_identity(config: EngineConfig) -> str:
+    """The model recorded in output rows and checked against calibrations: the model spec,
+    plus the adapter when one is applied (an adapter changes every score)."""
+    return config.model + (f"+{config.adapter}" if config.adapter else "")

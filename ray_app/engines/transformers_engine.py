@@ -1,0 +1,215 @@
+"""transformers engine: CPU or GPU, batched with left padding, HF folders or GGUF files."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ray_app.engines.base import ChatFormatter, Engine, EngineConfig, Generation, model_identity
+from ray_app.model_sources import resolve_model
+from ray_app.prompts import Conversation
+from ray_app.scoring import AnswerTokens
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp32 on CPU: bf16 there moves scores with batch composition (measured up to 0.04).
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {['auto', *_DTYPES]}")
+    return _DTYPES[dtype]
+
+
+def yes_scores(last_logits: torch.Tensor, tokens: AnswerTokens) -> torch.Tensor:
+    """Vectorised p(yes)/(p(yes)+p(no)) for a [batch, vocab] tensor of logits."""
+    logits = last_logits.float()
+    log_yes = torch.logsumexp(logits[:, list(tokens.yes_ids)], dim=-1)
+    log_no = torch.logsumexp(logits[:, list(tokens.no_ids)], dim=-1)
+    return torch.sigmoid(log_yes - log_no)
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        self.location = resolve_model(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.tokenizer = self._load_tokenizer()
+        self.formatter = ChatFormatter(self.tokenizer)
+        self.model = self._load_model()
+        self.stop_ids = self.formatter.stop_token_ids()
+
+    @property
+    def model_id(self) -> str:
+        return model_identity(self.config)
+
+    def _load_tokenizer(self):
+        tokenizer = AutoTokenizer.from_pretrained(
+            self.location.folder, gguf_file=self.location.gguf_file
+        )
+        tokenizer.padding_side = "left"  # the answer position is then the last column
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def _load_model(self):
+        log.info("loading %s (%s, %s)", self.location.path, self.dtype, self.device)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.location.folder, gguf_file=self.location.gguf_file, dtype=self.dtype
+        )
+        if self.config.adapter:
+            from peft import PeftModel  # optional: only needed with an adapter
+
+            model = PeftModel.from_pretrained(model, self.config.adapter)
+        return model.to(self.device).eval()
+
+    def count_tokens(self, conversation: Conversation) -> int:
+        return self.formatter.count_tokens(conversation)
+
+    def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+        return input_ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        """Scores in input order. Consecutive conversations that share a long prefix (one
+        report's level questions) run that prefix once and reuse its KV cache."""
+        encoded = [self.formatter.token_ids(c) for c in conversations]
+        scores = [0.0] * len(encoded)
+        groups = shared_prefix_groups(encoded, self.config.min_shared_prefix)
+        singles = [g[0] for g in groups if len(g) == 1]
+        for indices in self._length_batches(singles, encoded):
+            self._score_padded(indices, encoded, scores)
+        shared = [g for g in groups if len(g) > 1]
+        for start in range(0, len(shared), self.config.batch_size):
+            self._score_shared(shared[start : start + self.config.batch_size], encoded, scores)
+        return scores
+
+    def _length_batches(self, indices: list[int], encoded: list[list[int]]):
+        """Batches of similar length, so little compute goes to padding."""
+        order = sorted(indices, key=lambda i: len(encoded[i]))
+        size = self.config.batch_size
+        return [order[s : s + size] for s in range(0, len(order), size)]
+
+    def _score_padded(self, indices: list[int], encoded: list[list[int]], out: list[float]):
+        input_ids, mask = self._pad([encoded[i] for i in indices])
+        out_logits = self._forward(input_ids, mask, _positions(mask)).logits[:, -1, :]
+        for i, value in zip(indices, yes_scores(out_logits, self.formatter.answer_tokens).tolist()):
+            out[i] = value
+
+    def _score_shared(self, groups: list[list[int]], encoded: list[list[int]], out: list[float]):
+        """Prefixes once (left-padded), then every member's suffix (right-padded) on the cache."""
+        # Keep at least one token of each member out of the prefix: its logits are the answer.
+        prefix_lens = [_common_prefix_len([encoded[i] for i in g]) for g in groups]
+        prefix_lens = [min(n, min(len(encoded[i]) for i in g) - 1) for n, g in zip(prefix_lens, groups)]
+        prefix_ids, prefix_mask = self._pad([encoded[g[0]][:n] for g, n in zip(groups, prefix_lens)])
+        cache = self._forward(prefix_ids, prefix_mask, _positions(prefix_mask)).past_key_values
+        owner = [k for k, g in enumerate(groups) for _ in g]
+        members = [i for g in groups for i in g]
+        cache.batch_select_indices(torch.tensor(owner, device=self.device))
+        suffixes = [encoded[i][prefix_lens[k]:] for k, i in zip(owner, members)]
+        suffix_ids, suffix_mask = _right_pad(suffixes, self.tokenizer.pad_token_id, self.device)
+        mask = torch.cat([prefix_mask[owner], suffix_mask], dim=1)
+        start = torch.tensor([prefix_lens[k] for k in owner], device=self.device)[:, None]
+        positions = start + torch.arange(suffix_ids.shape[1], device=self.device)[None, :]
+        logits = self._forward(suffix_ids, mask, positions, cache=cache, keep_all=True).logits
+        last = torch.tensor([len(s) - 1 for s in suffixes], device=self.device)
+        answer_logits = logits[torch.arange(len(members), device=self.device), last]
+        for i, value in zip(members, yes_scores(answer_logits, self.formatter.answer_tokens).tolist()):
+            out[i] = value
+
+    def _forward(self, input_ids, mask, positions, cache=None, keep_all: bool = False):
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0 if keep_all else 1,
+        )
+
+    @torch.inference_mode()
+    def generate(self, conversations: Sequence[Conversation]) -> list[Generation]:
+        encoded = [self.formatter.token_ids(c) for c in conversations]
+        results: list[Generation | None] = [None] * len(conversations)
+        for indices in self._length_batches(list(range(len(encoded))), encoded):
+            batch = [encoded[i] for i in indices]
+            input_ids, mask = self._pad(batch)
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=self.config.max_new_tokens,
+                do_sample=False,
+                repetition_penalty=self.config.repetition_penalty,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, input_ids.shape[1] :]
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for i, ids, text in zip(indices, batch, texts):
+                results[i] = Generation(text.strip(), len(ids))
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as generate() computes them; without this, padded
+    rows see shifted positions and score differently from unpadded ones."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _right_pad(rows: list[list[int]], pad: int, device: torch.device):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+def _common_prefix_len(rows: list[list[int]]) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for row in rows[1:]:
+        k = 0
+        while k < n and row[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def shared_prefix_groups(encoded: list[list[int]], min_shared: int) -> list[list[int]]:
+    """Runs of consecutive sequences whose common prefix is at least `min_shared` tokens and
+    at least half of each sequence (otherwise sharing saves too little to be worth it)."""
+    groups: list[list[int]] = []
+    for i, ids in enumerate(encoded):
+        if groups:
+            group = groups[-1]
+            shared = _common_prefix_len([encoded[group[0]], ids])
+            if shared >= min_shared and 2 * shared >= max(len(ids), len(encoded[group[0]])):
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups

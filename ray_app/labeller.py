@@ -1,0 +1,131 @@
+"""The labeller: reports and conditions in, one scored row per (report, condition, level) out.
+
+Plain Python with no Ray in it; the Ray Data job and the Serve app are thin layers around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ray_app import prompts
+from ray_app.calibration import Calibration
+from ray_app.conditions import Condition
+from ray_app.engines.base import Engine
+from ray_app.prompts import DEFAULT_TEMPLATE, Conversation, PromptTemplate
+from ray_app.provenance import code_version, utc_now
+from ray_app.sections import drop_sections, shorten_report
+
+log = logging.getLogger(__name__)
+
+# Columns of every label row, in output order.
+LABEL_COLUMNS = (
+    "report_id", "condition", "level", "method", "score", "label", "threshold", "summary",
+    "truncated", "model", "engine", "definition_hash", "prompt_hash", "calibration_id",
+    "code_version", "labelled_at",
+)
+
+
+@dataclass(frozen=True)
+class ReportTask:
+    """One report and the conditions still to label for it."""
+
+    report_id: str
+    text: str
+    conditions: tuple[str, ...] | None = None  # None: every condition of the labeller
+
+
+@dataclass
+class _Item:
+    """One (report, condition) on its way through the prompts."""
+
+    report_id: str
+    condition: Condition
+    report: str
+    truncated: bool
+    summary: str | None = None
+
+
+class Labeller:
+    def __init__(
+        self,
+        engine: Engine,
+        conditions: Sequence[Condition],
+        method: str = "direct",
+        template: PromptTemplate = DEFAULT_TEMPLATE,
+        calibration: Calibration | None = None,
+    ):
+        if method not in prompts.METHODS:
+            raise ValueError(f"method {method!r} is not one of {prompts.METHODS}")
+        self.engine = engine
+        self.conditions = {c.name: c for c in conditions}
+        self.method = method
+        self.template = template
+        self.prompt_hash = template.template_hash(method)
+        self.calibration = calibration
+        if calibration is not None:
+            for c in conditions:
+                calibration.check_applies(
+                    engine.model_id, self.prompt_hash, c.name, c.definition_hash()
+                )
+
+    def label(self, tasks: Sequence[ReportTask]) -> list[dict[str, Any]]:
+        items = [self._prepare(t.report_id, t.text, self.conditions[name])
+                 for t in tasks for name in (t.conditions or tuple(self.conditions))]
+        if self.method == "summary":
+            self._add_summaries(items)
+        questions = [(item, level) for item in items for level in prompts.question_levels(item.condition)]
+        scores = self.engine.score([self._question(item, level) for item, level in questions])
+        stamp = utc_now()
+        return [self._row(item, level, score, stamp) for (item, level), score in zip(questions, scores)]
+
+    def _prepare(self, report_id: str, text: str, condition: Condition) -> _Item:
+        report = drop_sections(text, condition.drop_sections)
+        shortened = shorten_report(report, lambda r: self._fits(r, condition))
+        if shortened != report:
+            log.warning("report %s shortened to fit %d tokens (%s)", report_id,
+                        self.engine.config.max_context_tokens, condition.name)
+        return _Item(report_id, condition, shortened, truncated=shortened != report)
+
+    def _fits(self, report: str, condition: Condition) -> bool:
+        """Does the longest prompt for this report fit the context, answer/summary included?"""
+        longest_level = max(prompts.question_levels(condition), key=lambda lv: len(lv or ""))
+        item = _Item("", condition, report, False, summary="")
+        reserve = 1 + (self.engine.config.max_new_tokens if self.method == "summary" else 0)
+        tokens = self.engine.count_tokens(self._question(item, longest_level))
+        return tokens + reserve <= self.engine.config.max_context_tokens
+
+    def _add_summaries(self, items: list[_Item]) -> None:
+        requests = [prompts.summary_request_conversation(self.template, i.condition, i.report)
+                    for i in items]
+        for item, generation in zip(items, self.engine.generate(requests)):
+            item.summary = generation.text
+
+    def _question(self, item: _Item, level: str | None) -> Conversation:
+        if self.method == "summary":
+            return prompts.summary_question_conversation(
+                self.template, item.condition, item.report, item.summary or "", level
+            )
+        return prompts.direct_conversation(self.template, item.condition, item.report, level)
+
+    def _row(self, item: _Item, level: str | None, score: float, stamp: str) -> dict[str, Any]:
+        entry = self.calibration.entry(item.condition.name, level) if self.calibration else None
+        return {
+            "report_id": item.report_id,
+            "condition": item.condition.name,
+            "level": level,
+            "method": self.method,
+            "score": float(score),
+            "label": None if entry is None else bool(score >= entry.threshold),
+            "threshold": None if entry is None else entry.threshold,
+            "summary": item.summary,
+            "truncated": item.truncated,
+            "model": self.engine.model_id,
+            "engine": self.engine.name,
+            "definition_hash": item.condition.definition_hash(),
+            "prompt_hash": self.prompt_hash,
+            "calibration_id": self.calibration.calibration_id if self.calibration else None,
+            "code_version": code_version(),
+            "labelled_at": stamp,
+        }

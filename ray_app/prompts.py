@@ -1,0 +1,127 @@
+"""Prompt wording (the paper's, by default) and the conversations built from it.
+
+Conversations are lists of chat messages; each engine renders them through the model's own
+chat template, so the same wording works for any instruct model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from ray_app.conditions import Condition
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+METHODS = ("direct", "summary")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The wording of both prompting strategies; `{...}` fields are filled per report."""
+
+    system: str = field(
+        default=(
+            "You are a radiologist. Your job is to diagnose {condition} using a medical report. "
+            "Tell the truth and answer as precisely as possible.\nReport: {report}"
+        ),
+        metadata={"doc": "System message; holds the report."},
+    )
+    direct_question: str = field(
+        default=(
+            "{definition} Based on the report, does the patient have {condition}{at_level}? "
+            "Answer 'yes' for yes, 'no' for no."
+        ),
+        metadata={"doc": "Direct query: the user turn whose answer token is scored."},
+    )
+    summary_request: str = field(
+        default="Can you write a summary for the report with the goal of diagnosing {condition}?",
+        metadata={"doc": "Summary-then-query, step 1: the model writes a summary."},
+    )
+    summary_question: str = field(
+        default="{definition} Based on your summary, does the patient have {condition}{at_level}?",
+        metadata={"doc": "Summary-then-query, step 2: asked after the summary, scored."},
+    )
+    level_suffix: str = field(
+        default=" at {level}", metadata={"doc": "Appended to the condition for a level question."}
+    )
+    name: str = field(default="paper", metadata={"doc": "Label for reports; not hashed."})
+
+    def template_hash(self, method: str) -> str:
+        """Hash of the wording used by `method`; in every output row."""
+        fields = asdict(self)
+        fields.pop("name")
+        if method == "direct":
+            fields.pop("summary_request"), fields.pop("summary_question")
+        else:
+            fields.pop("direct_question")
+        payload = json.dumps({"method": method, **fields}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+DEFAULT_TEMPLATE = PromptTemplate()
+
+
+def _system(template: PromptTemplate, condition: Condition, report: str) -> Message:
+    text = template.system.format(condition=condition.prompt_name, report=report)
+    return {"role": "system", "content": text}
+
+
+def _question(text: str, template: PromptTemplate, condition: Condition, level: str | None) -> str:
+    at_level = template.level_suffix.format(level=level) if level else ""
+    return text.format(
+        definition=condition.definition, condition=condition.prompt_name, at_level=at_level
+    )
+
+
+def _few_shot_turns(template: PromptTemplate, condition: Condition) -> Conversation:
+    """Worked examples as earlier user/assistant turns, each carrying its own report."""
+    turns: Conversation = []
+    for example in condition.few_shot:
+        question = _question(template.direct_question, template, condition, None)
+        turns.append({"role": "user", "content": f"Report: {example.report}\n{question}"})
+        turns.append({"role": "assistant", "content": example.answer})
+    return turns
+
+
+def direct_conversation(
+    template: PromptTemplate, condition: Condition, report: str, level: str | None = None
+) -> Conversation:
+    """Direct query; the answer token follows the opened assistant turn."""
+    question = _question(template.direct_question, template, condition, level)
+    return [
+        _system(template, condition, report),
+        *_few_shot_turns(template, condition),
+        {"role": "user", "content": question},
+    ]
+
+
+def summary_request_conversation(
+    template: PromptTemplate, condition: Condition, report: str
+) -> Conversation:
+    """Summary-then-query, step 1: the model completes this with a summary."""
+    request = template.summary_request.format(condition=condition.prompt_name)
+    return [_system(template, condition, report), {"role": "user", "content": request}]
+
+
+def summary_question_conversation(
+    template: PromptTemplate,
+    condition: Condition,
+    report: str,
+    summary: str,
+    level: str | None = None,
+) -> Conversation:
+    """Summary-then-query, step 2: the summary becomes the assistant's turn, then the question."""
+    question = _question(template.summary_question, template, condition, level)
+    return [
+        *summary_request_conversation(template, condition, report),
+        {"role": "assistant", "content": summary},
+        {"role": "user", "content": question},
+    ]
+
+
+def question_levels(condition: Condition) -> list[str | None]:
+    """One overall question, then one per level (a level-specific condition gets both)."""
+    return [None, *condition.levels]
