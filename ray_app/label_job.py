@@ -176,7 +176,8 @@ class LabelActor:
                 rows.extend(self.labeller.label([task]))
             except Exception as err:  # noqa: BLE001 - recorded in the errors table
                 for condition in task.conditions or ():
-                    errors.append(_error(task.report_id, task.report_id, condition,
+                    errors.append(_error(tables.row_key(task.report_id, task.text),
+                                         task.report_id, condition,
                                          f"engine failed: {type(err).__name__}: {err}", task.text))
         return rows
 

@@ -104,10 +104,10 @@ def duplicated_ids(ids: pa.ChunkedArray) -> dict[str, int]:
 
 
 def row_key(report_id: str | None, text: object) -> str:
-    """Stable key of an input row: its id, or a hash of its text when the id is missing."""
-    if report_id:
-        return report_id
-    return "sha256:" + hashlib.sha256(str(text).encode()).hexdigest()[:16]
+    """Stable key of an input row: its id and a hash of its text, so a row that the user fixes
+    (new text, or a new id) is checked again on the next run instead of being skipped."""
+    digest = hashlib.sha256(repr(text).encode()).hexdigest()[:16]
+    return f"{report_id or ''}#sha256:{digest}"
 
 
 def clean_id(value: object) -> str | None:

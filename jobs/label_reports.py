@@ -1,0 +1,75 @@
+"""Label radiology reports with an LLM on Ray Data.
+
+Run with no arguments for the embedded default (sample spine MRI reports, Qwen2.5-Coder-1.5B
+from pip, local Ray). Locally or on a cluster:
+
+    python jobs/label_reports.py --input reports.csv --output out/ --conditions spinal_cancer
+    ray job submit --working-dir . -- python jobs/label_reports.py --config configs/label_openi.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+
+import yaml
+
+from ray_app.engines import EngineConfig
+from ray_app.label_job import LabelJobConfig, run_label_job
+
+_ENGINE_FLAGS = ("engine", "model", "dtype", "device", "batch_size", "max_context_tokens",
+                 "max_new_tokens", "repetition_penalty", "cpu_threads", "adapter",
+                 "tensor_parallel_size")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML with job fields and an 'engine:' mapping")
+    parser.add_argument("--output", help="output folder (local or s3://)")
+    for f in fields(LabelJobConfig):
+        if f.name not in ("output", "engine"):
+            _add_flag(parser, f, nargs="+" if f.name == "conditions" else None)
+    for f in fields(EngineConfig):
+        if f.name in _ENGINE_FLAGS:
+            _add_flag(parser, f, prefix="engine" if f.name == "engine" else "")
+    return parser.parse_args(argv)
+
+
+def _add_flag(parser, f, nargs=None, prefix=""):
+    flag = "--" + (f.name if not prefix or f.name == prefix else f"{prefix}-{f.name}")
+    kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+    parser.add_argument(flag.replace("_", "-"), dest=f.name, type=kind, nargs=nargs,
+                        default=None, help=f.metadata.get("doc"))
+
+
+def build_config(args: argparse.Namespace) -> LabelJobConfig:
+    data = yaml.safe_load(open(args.config)) if args.config else {}
+    engine = dict(data.pop("engine", {}) or {})
+    for name in _ENGINE_FLAGS:
+        if getattr(args, name, None) is not None:
+            engine[name] = getattr(args, name)
+    for f in fields(LabelJobConfig):
+        if f.name != "engine" and getattr(args, f.name, None) is not None:
+            data[f.name] = getattr(args, f.name)
+    missing = [k for k in ("input", "output", "conditions") if not data.get(k)]
+    if missing:
+        raise SystemExit(f"missing {', '.join('--' + m for m in missing)} (or run with no "
+                         "arguments for the embedded default)")
+    return LabelJobConfig(**data, engine=EngineConfig.from_dict(engine))
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv:
+        from ray_app.embedded_default import run_embedded_default
+
+        run_embedded_default("ray_app_output/sample")
+        return
+    summary = run_label_job(build_config(parse_args(argv)))
+    print(summary)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
