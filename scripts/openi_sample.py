@@ -1,0 +1,62 @@
+"""Write a stratified sample of the Open-i development reports (outside the repository: the data
+may not be copied into it) as a report table plus a truth table in the calibration format.
+
+    python scripts/openi_sample.py --out /tmp/openi --findings cardiomegaly pleural_effusion \
+        --per-stratum 1:1=all 0:1=all 1:0=90 0:0=120
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "openi" / "reports_dev.csv"
+
+
+def report_text(row: pd.Series) -> str:
+    """The README's natural report text: findings and impression, empty sections left out."""
+    parts = [f"{name.upper()}: {row[name].strip()}" for name in ("findings", "impression")
+             if isinstance(row[name], str) and row[name].strip()]
+    return "\n".join(parts)
+
+
+def stratified(data: pd.DataFrame, findings: list[str], quotas: dict[str, str], seed: int):
+    picked = []
+    for key, group in data.groupby(findings):
+        stratum = ":".join(str(int(v)) for v in (key if isinstance(key, tuple) else (key,)))
+        quota = quotas.get(stratum, "0")
+        take = len(group) if quota == "all" else min(int(quota), len(group))
+        picked.append(group.sample(n=take, random_state=seed))
+    return pd.concat(picked).sample(frac=1.0, random_state=seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--findings", nargs="+", default=["cardiomegaly", "pleural_effusion"])
+    parser.add_argument("--per-stratum", nargs="+", default=["1:1=all", "0:1=all", "1:0=90", "0:0=120"],
+                        help="quota per combination of finding labels, e.g. 1:0=90 or 0:0=all")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    data = pd.read_csv(args.data, dtype={"uid": str})
+    data["text"] = data.apply(report_text, axis=1)
+    data = data[data["text"] != ""]
+    quotas = dict(q.split("=") for q in args.per_stratum)
+    sample = stratified(data, args.findings, quotas, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sample.rename(columns={"uid": "report_id"})[["report_id", "text"]].to_csv(
+        out / "reports.csv", index=False)
+    truth = sample.melt(id_vars="uid", value_vars=args.findings, var_name="condition",
+                        value_name="label").rename(columns={"uid": "report_id"})
+    truth.assign(level="")[["report_id", "condition", "level", "label"]].to_csv(
+        out / "truth.csv", index=False)
+    print(f"{len(sample)} reports -> {out}; positives: "
+          + ", ".join(f"{f} {int(sample[f].sum())}" for f in args.findings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The transformers engine on a tiny random model: batching, padding, shared prefixes."""
+
+import pytest
+import torch
+
+from ray_app import prompts
+from ray_app.conditions import load_condition
+from ray_app.engines import EngineConfig, make_engine
+from ray_app.engines.transformers_engine import shared_prefix_groups
+from ray_app.scoring import score_from_logits
+
+REPORTS = [
+    "FINDINGS: Severe central canal stenosis at L4-L5.\nIMPRESSION: Severe stenosis.",
+    "No stenosis. Normal alignment.",
+    "CLINICAL HISTORY: ?mets.\nFINDINGS: Lytic lesion in L2 with epidural extension. "
+    "Moderate stenosis at L1-L2 and L2-L3.\nIMPRESSION: Metastasis.",
+]
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    stenosis, cancer = load_condition("spinal_canal_stenosis"), load_condition("spinal_cancer")
+    convs = []
+    for report in REPORTS:
+        for condition in (cancer, stenosis):
+            for level in prompts.question_levels(condition):
+                convs.append(prompts.direct_conversation(prompts.DEFAULT_TEMPLATE, condition,
+                                                         report, level))
+    return convs
+
+
+def hand_scores(engine, conversations):
+    """One conversation at a time, no padding, score from the full logits row."""
+    out = []
+    for conv in conversations:
+        ids = torch.tensor([engine.formatter.token_ids(conv)])
+        with torch.no_grad():
+            logits = engine.model(input_ids=ids).logits[0, -1]
+        out.append(score_from_logits(logits.tolist(), engine.formatter.answer_tokens))
+    return out
+
+
+def test_scores_match_unbatched_forward(tiny_engine, conversations):
+    expected = hand_scores(tiny_engine, conversations)
+    got = tiny_engine.score(conversations)
+    assert len(got) == len(conversations) == 3 * (1 + 6)
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
+    assert len({round(s, 4) for s in got}) > 5  # the tiny model does discriminate prompts
+
+
+def test_shared_prefix_path_equals_plain_batching(tiny_model_dir, conversations):
+    shared = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=3, min_shared_prefix=8))
+    plain = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=3,
+                                     min_shared_prefix=10**9))
+    encoded = [shared.formatter.token_ids(c) for c in conversations]
+    groups = shared_prefix_groups(encoded, 8)
+    assert any(len(g) == 6 for g in groups), "a report's stenosis levels share one prefix"
+    a, b = shared.score(conversations), plain.score(conversations)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def test_scores_do_not_depend_on_order_or_batch_size(tiny_model_dir, conversations):
+    engine = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=5))
+    forward = engine.score(conversations)
+    backward = engine.score(conversations[::-1])[::-1]
+    assert max(abs(x - y) for x, y in zip(forward, backward)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "encoded, groups",
+    [
+        ([[1] * 40 + [2], [1] * 40 + [3], [4] * 40], [[0, 1], [2]]),
+        ([[1] * 10 + [2], [1] * 10 + [3]], [[0], [1]]),  # prefix shorter than min_shared
+        ([[1] * 40 + [2] * 100, [1] * 40 + [3]], [[0], [1]]),  # prefix < half the sequence
+    ],
+)
+def test_shared_prefix_groups(encoded, groups):
+    assert shared_prefix_groups(encoded, 32) == groups
+
+
+def test_generate_is_greedy_bounded_and_batch_independent(tiny_engine, conversations):
+    requests = [prompts.summary_request_conversation(
+        prompts.DEFAULT_TEMPLATE, load_condition("spinal_cancer"), r) for r in REPORTS]
+    together = tiny_engine.generate(requests)
+    alone = [tiny_engine.generate([r])[0] for r in requests]
+    assert [g.text for g in together] == [g.text for g in alone]
+    for gen, request in zip(together, requests):
+        assert gen.prompt_tokens == tiny_engine.count_tokens(request)
+        new_tokens = tiny_engine.tokenizer.encode(gen.text, add_special_tokens=False)
+        assert 0 < len(new_tokens) <= tiny_engine.config.max_new_tokens + 2
+
+
+def test_dtype_and_device_resolution(tiny_model_dir):
+    engine = make_engine(EngineConfig(model=str(tiny_model_dir), dtype="bfloat16"))
+    assert engine.model.dtype == torch.bfloat16
+    assert next(engine.model.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        make_engine(EngineConfig(model=str(tiny_model_dir), dtype="float8"))
+
+
+def test_unknown_engine_and_model_errors(tiny_model_dir):
+    with pytest.raises(ValueError, match="unknown engine 'nope'"):
+        make_engine(EngineConfig(engine="nope", model=str(tiny_model_dir)))
+    with pytest.raises(FileNotFoundError, match="pip-installed models"):
+        make_engine(EngineConfig(model="/no/such/model"))

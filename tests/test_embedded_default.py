@@ -1,0 +1,37 @@
+"""The embedded default (README's first command) on a tiny model instead of Qwen."""
+
+import pandas as pd
+import pytest
+
+from ray_app.embedded_default import SAMPLE_CONDITIONS, run_embedded_default, sample_file
+from ray_app.engines import EngineConfig
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def test_sample_data_is_complete():
+    reports = pd.read_csv(sample_file("spine_reports.csv"), dtype=str)
+    answers = pd.read_csv(sample_file("spine_answers.csv"), dtype=str)
+    assert set(reports["split"]) == {"calibration", "label"}
+    assert set(answers["condition"]) == set(SAMPLE_CONDITIONS)
+    assert set(answers["report_id"]) == set(reports["report_id"])
+
+
+def test_embedded_default_labels_calibrates_and_prints(local_ray, tiny_model_dir, tmp_path, capsys):
+    table = run_embedded_default(str(tmp_path), EngineConfig(model=str(tiny_model_dir)))
+    printed = capsys.readouterr().out
+    assert (tmp_path / "calibration.json").is_file()
+    label_ids = set(pd.read_csv(sample_file("spine_reports.csv")).query("split == 'label'")["report_id"])
+    assert set(table["report_id"]) == label_ids
+    # 4 conditions, stenosis with 5 levels as well: 9 questions per report
+    assert len(table) == 9 * len(label_ids)
+    assert table["predicted"].notna().any()
+    assert "Calibrated labels vs known answers" in printed and "spinal_cancer" in printed
