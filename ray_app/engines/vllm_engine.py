@@ -29,7 +29,7 @@ except ImportError as err:  # the registry turns this into its own install hint
         ".venv-vllm/bin/python"
     ) from err
 
-from ray_app.engines.base import ChatFormatter, Engine, EngineConfig, Generation
+from ray_app.engines.base import ChatFormatter, Engine, EngineConfig, Generation, model_identity
 from ray_app.engines.transformers_engine import resolve_device, resolve_dtype
 from ray_app.model_sources import resolve_model
 from ray_app.prompts import Conversation
@@ -76,7 +76,7 @@ class VLLMEngine(Engine):
 
     @property
     def model_id(self) -> str:
-        return self.location.name + (f"+{self.config.adapter}" if self.config.adapter else "")
+        return model_identity(self.config)
 
     def _start(self) -> LLM:
         try:
