@@ -156,7 +156,9 @@ def build_calibration(labels: "pd.DataFrame", truth: "pd.DataFrame") -> Calibrat
     key = ["report_id", "condition", "level"]
     truth = truth.assign(level=truth["level"].fillna("").astype(str),
                          report_id=truth["report_id"].astype(str))
-    scored = labels.assign(level=labels["level"].fillna("").astype(str))
+    # Only the scores: the job's own `label` column (set when it ran with a calibration) would
+    # collide with the truth's.
+    scored = labels[[*key, "score"]].assign(level=labels["level"].fillna("").astype(str))
     joined = scored.merge(truth[[*key, "label"]], on=key, how="inner")
     entries = []
     for (condition, level), group in joined.groupby(["condition", "level"], sort=True):

@@ -25,10 +25,16 @@ def sample_file(name: str) -> str:
     return str(resources.files("ray_app.sample_data") / name)
 
 
+def default_engine() -> EngineConfig:
+    # bf16 halves the time on CPU (measured); it moves Qwen's scores by up to ~0.005 with batch
+    # composition, which a demo whose calibration is made in the same run can afford.
+    return EngineConfig(model="qwen2.5-coder-1.5b-instruct", dtype="bfloat16")
+
+
 def sample_job_config(output: str, engine: EngineConfig | None = None) -> LabelJobConfig:
     return LabelJobConfig(
         input=sample_file("spine_reports.csv"), output=output, conditions=SAMPLE_CONDITIONS,
-        id_column="report_id", text_column="text", engine=engine or EngineConfig(),
+        id_column="report_id", text_column="text", engine=engine or default_engine(),
         reports_per_batch=4,
     )
 

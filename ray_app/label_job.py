@@ -67,11 +67,32 @@ class ResumeError(RuntimeError):
     """The output folder holds labels made with a different setup."""
 
 
+def _expected_model_id(engine: EngineConfig) -> str | None:
+    """What the engine will record as its model_id, without loading the model; None for an
+    engine of your own ('package.module:Class'), whose ids are its own business."""
+    if ":" in engine.engine:
+        return None
+    # The dry-run engine marks its ids: its hash scores must never mix with a model's.
+    return ("dry-run:" if engine.engine == "dry-run" else "") + model_identity(engine)
+
+
+def _check_calibration(cfg: LabelJobConfig, calibration: Calibration | None) -> None:
+    """Refuse a calibration made for another model, prompt or definition before any work starts
+    (and before the manifest records it); the actors check again against the loaded engine."""
+    if calibration is None:
+        return
+    model = _expected_model_id(cfg.engine) or calibration.model
+    prompt_hash = DEFAULT_TEMPLATE.template_hash(cfg.method)
+    for condition in load_conditions(cfg.conditions):
+        calibration.check_applies(model, prompt_hash, condition.name, condition.definition_hash())
+
+
 def _manifest(cfg: LabelJobConfig) -> dict[str, Any]:
     conditions = load_conditions(cfg.conditions)
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
+    _check_calibration(cfg, calibration)
     return {
-        "model": model_identity(cfg.engine),
+        "model": _expected_model_id(cfg.engine) or model_identity(cfg.engine),
         "method": cfg.method,
         "prompt_hash": DEFAULT_TEMPLATE.template_hash(cfg.method),
         "conditions": {c.name: c.definition_hash() for c in conditions},
@@ -195,12 +216,30 @@ def _read_reports(cfg: LabelJobConfig, loc: tables.TableLocation, fmt: str):
     if fmt == "csv":
         options = tables.csv_convert_options(columns)
         options.include_columns = columns
-        ds = ray.data.read_csv(loc.path, filesystem=loc.fs, convert_options=options)
+        ds = ray.data.read_csv(loc.path, filesystem=loc.fs, convert_options=options,
+                               parse_options=tables.csv_parse_options())
     elif fmt == "parquet":
-        ds = ray.data.read_parquet(loc.path, filesystem=loc.fs, columns=columns)
-    else:
-        ds = ray.data.read_json(loc.path, filesystem=loc.fs, lines=True).select_columns(columns)
+        # Ray's first-generation Parquet reader: the default one (datasource v2, Ray >= 2.5x)
+        # starts a ListFiles task and three FooterReader actors for every read, ~0.6 GB and
+        # seconds of start-up on a small node, for row-group statistics this job never uses.
+        context = ray.data.DataContext.get_current()
+        v2 = getattr(context, "use_datasource_v2", None)
+        if v2 is not None:
+            context.use_datasource_v2 = False
+        try:
+            ds = ray.data.read_parquet(loc.path, filesystem=loc.fs, columns=columns)
+        finally:
+            if v2 is not None:
+                context.use_datasource_v2 = v2
+    else:  # JSON Lines: parsed in Python so that one mistyped row cannot fail the whole file
+        ds = ray.data.read_text(tables.input_files(loc), filesystem=loc.fs).map_batches(
+            _parse_json_batch, fn_kwargs={"columns": columns, "id_column": cfg.id_column},
+            batch_format="pyarrow", batch_size=None)
     return ds.limit(cfg.limit) if cfg.limit else ds
+
+
+def _parse_json_batch(batch: pa.Table, columns: list[str], id_column: str) -> pd.DataFrame:
+    return tables.parse_json_lines(batch.column("text").to_pylist(), columns, id_column)
 
 
 def _actor_resources(cfg: LabelJobConfig) -> tuple[dict[str, float], int]:
@@ -231,7 +270,7 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     fmt = tables.table_format(cfg.input, cfg.input_format)
     check_resume(out, _manifest(cfg))
     ids = tables.read_column(src, fmt, cfg.id_column)
-    tables.read_column(src, fmt, cfg.text_column)  # fail fast on a wrong --text-column
+    tables.require_column(src, fmt, cfg.text_column)  # fail fast on a wrong --text-column
     duplicates = tables.duplicated_ids(ids)
     done, errored = finished_keys(out)
     log.info("%s: %d rows, %d duplicated ids; %d (report, condition) pairs already labelled",

@@ -6,6 +6,7 @@ No Ray here: the labelling job calls these from its driver and its actors.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -83,23 +84,109 @@ def csv_convert_options(columns: list[str]) -> pacsv.ConvertOptions:
     return pacsv.ConvertOptions(column_types={c: pa.string() for c in columns})
 
 
+def csv_parse_options() -> pacsv.ParseOptions:
+    """Report texts span lines inside quotes; without this Arrow's chunker splits a quoted value
+    at a block boundary and fails on any CSV larger than one block (~1 MB)."""
+    return pacsv.ParseOptions(newlines_in_values=True)
+
+
+def input_files(loc: TableLocation) -> list[str]:
+    """The file, or the files under a folder (names starting with '.' or '_' left out, as
+    Arrow datasets do)."""
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {loc.uri} does not exist")
+    if info.is_file:
+        return [loc.path]
+    found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+    return sorted(f.path for f in found if f.is_file
+                  and not any(part.startswith((".", "_"))
+                              for part in f.path[len(loc.path):].split("/") if part))
+
+
+def parse_json_lines(lines: list[str], columns: list[str], id_column: str) -> pd.DataFrame:
+    """JSON Lines parsed in Python, not by Arrow: Arrow refuses a whole file when one row's
+    value has another type (a number for a text), where that row should go to the errors
+    table. Ids become strings (as read_column gives them); other values keep their JSON type,
+    so a non-string text is reported as such; a missing key is None."""
+    records = []
+    for line in lines:
+        record = _parse_line(line)
+        if record is not None:
+            records.append([record.get(c) for c in columns])
+    frame = pd.DataFrame(records, columns=columns, dtype=object)
+    if id_column in frame:
+        frame[id_column] = pd.Series([None if _missing(v) else str(v) for v in frame[id_column]],
+                                     dtype=object, index=frame.index)
+    return frame
+
+
 def read_column(loc: TableLocation, fmt: str, column: str) -> pa.ChunkedArray:
     """One column of the whole input, as strings (the driver's cheap pass over ids)."""
+    if fmt == "json":
+        values = [r.get(column) for r in _json_records(loc)]
+        if all(_missing(v) for v in values):
+            raise KeyError(_no_column(loc, column, None))
+        return pa.chunked_array([pa.array([None if _missing(v) else str(v) for v in values],
+                                          type=pa.string())])
+    dataset = _arrow_dataset(loc, fmt, column)
+    return dataset.to_table(columns=[column]).column(column).cast(pa.string())
+
+
+def require_column(loc: TableLocation, fmt: str, column: str) -> None:
+    """Fail fast on a wrong column name without reading the column (the schema; for JSON
+    Lines, the rows up to the first that has the key)."""
+    if fmt == "json":
+        if not any(not _missing(r.get(column)) for r in _json_records(loc)):
+            raise KeyError(_no_column(loc, column, None))
+    else:
+        _arrow_dataset(loc, fmt, column)
+
+
+def _arrow_dataset(loc: TableLocation, fmt: str, column: str) -> pads.Dataset:
     file_format: str | pads.FileFormat = fmt
     if fmt == "csv":
-        file_format = pads.CsvFileFormat(convert_options=csv_convert_options([column]))
+        file_format = pads.CsvFileFormat(parse_options=csv_parse_options(),
+                                         convert_options=csv_convert_options([column]))
     dataset = pads.dataset(loc.path, format=file_format, filesystem=loc.fs)
     if column not in dataset.schema.names:
-        raise KeyError(
-            f"column {column!r} not in {loc.uri} (columns: {dataset.schema.names}); "
-            "set --id-column / --text-column"
-        )
-    return dataset.to_table(columns=[column]).column(column).cast(pa.string())
+        raise KeyError(_no_column(loc, column, dataset.schema.names))
+    return dataset
+
+
+def _no_column(loc: TableLocation, column: str, names: list[str] | None) -> str:
+    where = f"{loc.uri} (columns: {names})" if names is not None else f"any row of {loc.uri}"
+    return f"column {column!r} not in {where}; set --id-column / --text-column"
+
+
+def _json_records(loc: TableLocation):
+    """The JSON Lines rows of every input file, parsed as parse_json_lines does."""
+    for path in input_files(loc):
+        with loc.fs.open_input_stream(path) as f:
+            lines = f.read().decode("utf-8").splitlines()
+        for line in lines:
+            record = _parse_line(line)
+            if record is not None:
+                yield record
+
+
+def _parse_line(line: str) -> dict | None:
+    """One JSON Lines row: None for a blank line, {} for a value that is not an object."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"JSON Lines input has a line that is not JSON ({err}): "
+                         f"{line[:80]!r}") from err
+    return record if isinstance(record, dict) else {}
 
 
 def duplicated_ids(ids: pa.ChunkedArray) -> dict[str, int]:
     """Ids that occur more than once, with their counts."""
-    counts = pd.Series(ids.to_pandas()).dropna().value_counts()
+    # The ids as clean_id sees them: ' 7' and '7' are the same report.
+    cleaned = pd.Series(ids.to_pandas(), dtype=object).dropna().astype(str).str.strip()
+    counts = cleaned[cleaned != ""].value_counts()
     return {str(k): int(v) for k, v in counts[counts > 1].items()}
 
 
@@ -110,8 +197,13 @@ def row_key(report_id: str | None, text: object) -> str:
     return f"{report_id or ''}#sha256:{digest}"
 
 
+def _missing(value: object) -> bool:
+    """None, NaN, or pandas' NA (what string[pyarrow] columns in Ray batches hold for nulls)."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
 def clean_id(value: object) -> str | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return None
     text = str(value).strip()
     return text or None
@@ -119,7 +211,7 @@ def clean_id(value: object) -> str | None:
 
 def text_problem(value: object) -> str | None:
     """Why a report text cannot be labelled, or None when it can."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "report text is missing"
     if not isinstance(value, str):
         return f"report text is not text (got {type(value).__name__}); check --text-column"
