@@ -58,7 +58,8 @@ def labelled_table(labels: pd.DataFrame, truth: pd.DataFrame, cal: Calibration) 
     """Scores with calibrated labels and the known answers, one row per question."""
     key = ["report_id", "condition", "level"]
     truth = truth.assign(level=truth["level"].fillna(""))
-    rows = labels.assign(level=labels["level"].fillna("")).merge(truth, on=key, how="left")
+    scores = labels[[*key, "score"]].assign(level=labels["level"].fillna(""))
+    rows = scores.merge(truth, on=key, how="left")
     thresholds = {(e.condition, e.level or ""): e.threshold for e in cal.entries}
     rows["threshold"] = [thresholds.get((c, lv)) for c, lv in zip(rows["condition"], rows["level"])]
     rows["predicted"] = [None if t is None else int(s >= t)
@@ -70,8 +71,9 @@ def format_report(table: pd.DataFrame, summary: JobSummary, cal: Calibration, ou
     overall = table[table["level"] == ""]
     wide = overall.pivot(index="report_id", columns="condition", values="score").round(3)
     lines = [
-        f"Labelled {summary.reports_labelled} sample reports ({summary.label_rows} scores) in "
-        f"{summary.seconds:.0f} s with {cal.model}; outputs in {output}/labels, "
+        f"{summary.input_rows} sample reports: {summary.label_rows} scores made in "
+        f"{summary.seconds:.0f} s, {summary.skipped_done} (report, condition) pairs found "
+        f"already done, with {cal.model}; outputs in {output}/labels, "
         f"calibration in {output}/calibration.json ({cal.calibration_id}).",
         "",
         "Scores (p(yes)) of the label part, report-level questions:",

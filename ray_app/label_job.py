@@ -262,9 +262,6 @@ def _actor_resources(cfg: LabelJobConfig) -> tuple[dict[str, float], int]:
 
 
 def run_label_job(cfg: LabelJobConfig) -> JobSummary:
-    import ray
-    import ray.data
-
     started = time.monotonic()
     src, out = tables.locate(cfg.input, cfg.s3_endpoint), tables.locate(cfg.output, cfg.s3_endpoint)
     fmt = tables.table_format(cfg.input, cfg.input_format)
@@ -275,6 +272,34 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     done, errored = finished_keys(out)
     log.info("%s: %d rows, %d duplicated ids; %d (report, condition) pairs already labelled",
              cfg.input, len(ids), len(duplicates), len(done))
+    totals = {"reports": 0, "rows": 0, "errors": 0}
+    if _work_left(ids, duplicates, done, load_conditions(cfg.conditions), cfg.limit):
+        totals = _run_pipeline(cfg, src, fmt, len(ids), done, errored, duplicates)
+    else:
+        log.info("every report already has every condition in %s: nothing to do", cfg.output)
+    summary = JobSummary(
+        input_rows=len(ids), reports_labelled=totals["reports"], label_rows=totals["rows"],
+        error_rows=totals["errors"], skipped_done=len(done), output=cfg.output,
+        seconds=round(time.monotonic() - started, 2),
+    )
+    log.info("done: %s (code %s)", asdict(summary), code_version())
+    return summary
+
+
+def _work_left(ids, duplicates: dict, done: set, conditions, limit: int | None) -> bool:
+    """False only when every row has an id, no id is duplicated, and every (id, condition) is
+    written: then the model need not even be loaded. Otherwise the actors sort it out."""
+    if limit or duplicates or ids.null_count:
+        return True
+    names = [c.name for c in conditions]
+    return any((tables.clean_id(i), n) not in done for i in ids.to_pylist() for n in names)
+
+
+def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, n_rows: int, done: set, errored: set,
+                  duplicates: dict) -> dict[str, int]:
+    import ray
+    import ray.data
+
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
     resources, ceiling = _actor_resources(cfg)
@@ -284,14 +309,7 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
         compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, ceiling), max_size=ceiling),
         batch_size=cfg.reports_per_batch, batch_format="pandas", **resources,
     )
-    totals = _follow_progress(stats, len(ids) if not cfg.limit else min(cfg.limit, len(ids)), cfg)
-    summary = JobSummary(
-        input_rows=len(ids), reports_labelled=totals["reports"], label_rows=totals["rows"],
-        error_rows=totals["errors"], skipped_done=len(done), output=cfg.output,
-        seconds=round(time.monotonic() - started, 2),
-    )
-    log.info("done: %s (code %s)", asdict(summary), code_version())
-    return summary
+    return _follow_progress(stats, n_rows if not cfg.limit else min(cfg.limit, n_rows), cfg)
 
 
 def _follow_progress(stats, expected_rows: int, cfg: LabelJobConfig) -> dict[str, int]:
