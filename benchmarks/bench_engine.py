@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--reports", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=EngineConfig.batch_size)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--methods", nargs="+", default=["direct", "summary"])
     parser.add_argument("--conditions", nargs="+",

@@ -100,9 +100,10 @@ class TransformersEngine(Engine):
         singles = [g[0] for g in groups if len(g) == 1]
         for indices in self._length_batches(singles, encoded):
             self._score_padded(indices, encoded, scores)
-        shared = [g for g in groups if len(g) > 1]
-        for start in range(0, len(shared), self.config.batch_size):
-            self._score_shared(shared[start : start + self.config.batch_size], encoded, scores)
+        # Similar prefix lengths together: left padding of a short prefix is wasted compute.
+        shared = sorted((g for g in groups if len(g) > 1), key=lambda g: len(encoded[g[0]]))
+        for chunk in _chunks_by_members(shared, self.config.batch_size):
+            self._score_shared(chunk, encoded, scores)
         return scores
 
     def _length_batches(self, indices: list[int], encoded: list[list[int]]):
@@ -174,6 +175,25 @@ class TransformersEngine(Engine):
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _chunks_by_members(groups: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Groups batched so that a suffix pass holds at most `batch_size` rows (or one group).
+
+    Every member gets its own copy of its prefix's KV cache, so more rows per pass cost memory
+    traffic that outweighs batching on CPU (measured: 16 groups of 6 levels per pass was 2.4x
+    slower than 4 levels' worth).
+    """
+    chunks: list[list[list[int]]] = []
+    rows = 0
+    for group in groups:
+        if chunks and rows + len(group) <= batch_size:
+            chunks[-1].append(group)
+            rows += len(group)
+        else:
+            chunks.append([group])
+            rows = len(group)
+    return chunks
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
