@@ -27,6 +27,7 @@ from ray_app.engines.dry_run import DryRunEngine
 from ray_app.label_job import LabelJobConfig, ResumeError, run_label_job
 from ray_app.prompts import DEFAULT_TEMPLATE
 from ray_app.provenance import code_version
+from frames import write_frame
 
 pytestmark = pytest.mark.ray
 
@@ -233,13 +234,7 @@ def test_jsonl_with_non_string_texts_does_not_fail_the_job(tmp_path, tiny_model_
 def test_formats_with_custom_column_names(tmp_path, fmt):
     frame = pd.DataFrame({"accession": ["007", "0100", "12", "A-4"],
                           "report_text": REPORT_TEXTS[:4], "age": [61, 70, 44, 38]})
-    path = tmp_path / f"reports.{fmt}"
-    if fmt == "csv":
-        frame.to_csv(path, index=False)
-    elif fmt == "parquet":
-        frame.to_parquet(path)
-    else:
-        frame.to_json(path, orient="records", lines=True)
+    path = write_frame(frame, tmp_path / f"reports.{fmt}")
     cfg = LabelJobConfig(input=str(path), output=str(tmp_path / "out"),
                          conditions=["spinal_cancer", "disc_herniation"], engine=_dry_run(),
                          id_column="accession", text_column="report_text", reports_per_batch=3)

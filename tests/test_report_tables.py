@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_app import report_tables as tables
+from frames import write_frame
 
 TEXT = "FINDINGS: Mild central canal stenosis at L4-L5.\nIMPRESSION: Mild stenosis at L4-L5."
 
@@ -111,13 +112,7 @@ def test_parse_json_lines_keeps_the_type_of_texts():
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "json"])
 def test_read_column_missing_column_names_the_flags(tmp_path, fmt):
     frame = pd.DataFrame({"report_id": ["a"], "text": ["t"]})
-    path = tmp_path / {"csv": "r.csv", "parquet": "r.parquet", "json": "r.jsonl"}[fmt]
-    if fmt == "csv":
-        frame.to_csv(path, index=False)
-    elif fmt == "parquet":
-        frame.to_parquet(path)
-    else:
-        frame.to_json(path, orient="records", lines=True)
+    path = write_frame(frame, tmp_path / {"csv": "r.csv", "parquet": "r.parquet", "json": "r.jsonl"}[fmt])
     loc = tables.locate(str(path))
     with pytest.raises(KeyError, match="--id-column / --text-column"):
         tables.read_column(loc, fmt, "accession")
