@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from ray_app.provenance import code_version, utc_now
@@ -141,25 +142,30 @@ def threshold_entry(
     )
 
 
-def build_calibration(labels: "pd.DataFrame", truth: "pd.DataFrame") -> Calibration:
+TRUTH_KEY = ["report_id", "condition", "level"]
+
+
+def join_truth(scores: pd.DataFrame, truth: pd.DataFrame, how: str = "inner") -> pd.DataFrame:
+    """Scores next to the known label on (report_id, condition, level); an empty or missing
+    level is the report-level question. Only `score` is taken from `scores`: the job's own
+    `label` column (set when it ran with a calibration) would collide with the truth's."""
+    truth = truth.assign(level=truth["level"].fillna("").astype(str),
+                         report_id=truth["report_id"].astype(str))
+    scored = scores[[*TRUTH_KEY, "score"]].assign(level=scores["level"].fillna("").astype(str))
+    return scored.merge(truth[[*TRUTH_KEY, "label"]], on=TRUTH_KEY, how=how)
+
+
+def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame) -> Calibration:
     """Thresholds for every (condition, level) of `labels` that `truth` covers with both classes.
 
     `labels`: rows of the labelling job (report_id, condition, level, score, model, method,
     prompt_hash, definition_hash, engine). `truth`: report_id, condition, level, label (0/1);
     an empty level means the report-level question.
     """
-    import pandas as pd
-
     setups = labels[["model", "method", "prompt_hash"]].drop_duplicates()
     if len(setups) != 1:
         raise CalibrationError(f"scores come from {len(setups)} setups; calibrate one at a time")
-    key = ["report_id", "condition", "level"]
-    truth = truth.assign(level=truth["level"].fillna("").astype(str),
-                         report_id=truth["report_id"].astype(str))
-    # Only the scores: the job's own `label` column (set when it ran with a calibration) would
-    # collide with the truth's.
-    scored = labels[[*key, "score"]].assign(level=labels["level"].fillna("").astype(str))
-    joined = scored.merge(truth[[*key, "label"]], on=key, how="inner")
+    joined = join_truth(labels, truth)
     entries = []
     for (condition, level), group in joined.groupby(["condition", "level"], sort=True):
         if group["label"].nunique() < 2:

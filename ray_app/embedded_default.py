@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
-from ray_app.calibration import Calibration, build_calibration
+from ray_app.calibration import TRUTH_KEY, Calibration, build_calibration, join_truth
 from ray_app.engines import EngineConfig
 from ray_app.label_job import JobSummary, LabelJobConfig, run_label_job
 from ray_app.report_tables import locate, read_finished
@@ -56,15 +56,12 @@ def run_embedded_default(output: str, engine: EngineConfig | None = None) -> pd.
 
 def labelled_table(labels: pd.DataFrame, truth: pd.DataFrame, cal: Calibration) -> pd.DataFrame:
     """Scores with calibrated labels and the known answers, one row per question."""
-    key = ["report_id", "condition", "level"]
-    truth = truth.assign(level=truth["level"].fillna(""))
-    scores = labels[[*key, "score"]].assign(level=labels["level"].fillna(""))
-    rows = scores.merge(truth, on=key, how="left")
+    rows = join_truth(labels, truth, how="left")
     thresholds = {(e.condition, e.level or ""): e.threshold for e in cal.entries}
     rows["threshold"] = [thresholds.get((c, lv)) for c, lv in zip(rows["condition"], rows["level"])]
     rows["predicted"] = [None if t is None else int(s >= t)
                          for s, t in zip(rows["score"], rows["threshold"])]
-    return rows.sort_values(key)[[*key, "score", "threshold", "predicted", "label"]]
+    return rows.sort_values(TRUTH_KEY)[[*TRUTH_KEY, "score", "threshold", "predicted", "label"]]
 
 
 def format_report(table: pd.DataFrame, summary: JobSummary, cal: Calibration, output: str) -> str:
