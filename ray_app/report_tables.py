@@ -116,8 +116,7 @@ def parse_json_lines(lines: list[str], columns: list[str], id_column: str) -> pd
             records.append([record.get(c) for c in columns])
     frame = pd.DataFrame(records, columns=columns, dtype=object)
     if id_column in frame:
-        frame[id_column] = pd.Series([None if _missing(v) else str(v) for v in frame[id_column]],
-                                     dtype=object, index=frame.index)
+        frame[id_column] = pd.Series(_id_strings(frame[id_column]), dtype=object, index=frame.index)
     return frame
 
 
@@ -127,8 +126,7 @@ def read_column(loc: TableLocation, fmt: str, column: str) -> pa.ChunkedArray:
         values = [r.get(column) for r in _json_records(loc)]
         if all(_missing(v) for v in values):
             raise KeyError(_no_column(loc, column, None))
-        return pa.chunked_array([pa.array([None if _missing(v) else str(v) for v in values],
-                                          type=pa.string())])
+        return pa.chunked_array([pa.array(_id_strings(values), type=pa.string())])
     dataset = _arrow_dataset(loc, fmt, column)
     return dataset.to_table(columns=[column]).column(column).cast(pa.string())
 
@@ -195,6 +193,11 @@ def row_key(report_id: str | None, text: object) -> str:
     (new text, or a new id) is checked again on the next run instead of being skipped."""
     digest = hashlib.sha256(repr(text).encode()).hexdigest()[:16]
     return f"{report_id or ''}#sha256:{digest}"
+
+
+def _id_strings(values) -> list[str | None]:
+    """Ids as strings whatever their JSON type (7 and "7" are the same id); missing as None."""
+    return [None if _missing(v) else str(v) for v in values]
 
 
 def _missing(value: object) -> bool:
