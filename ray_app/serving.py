@@ -9,6 +9,7 @@ serving issue.
 
 
 # No `from __future__ import annotations`: FastAPI reads the annotations at runtime.
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
@@ -59,7 +60,7 @@ class LabellerApp:
         unknown = sorted(set(conditions) - set(self.served))
         if unknown:
             raise HTTPException(404, f"conditions {unknown} are not served; served: {self.served}")
-        task = ReportTask(f"req-{id(request)}", request.report, tuple(conditions))
+        task = ReportTask(f"req-{uuid.uuid4().hex}", request.report, tuple(conditions))
         rows = await self._label_batch(task)
         return {"results": [{k: v for k, v in r.items() if k != "report_id"} for r in rows]}
 
