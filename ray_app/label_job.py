@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -18,9 +18,10 @@ import pyarrow as pa
 
 from ray_app import report_tables as tables
 from ray_app.calibration import Calibration
-from ray_app.conditions import load_conditions
+from ray_app.conditions import Condition, load_conditions
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.base import model_identity
+from ray_app.engines.dry_run import DryRunEngine, dry_run_identity
 from ray_app.labeller import Labeller, ReportTask
 from ray_app.prompts import DEFAULT_TEMPLATE
 from ray_app.provenance import code_version, utc_now
@@ -72,25 +73,26 @@ def _expected_model_id(engine: EngineConfig) -> str | None:
     engine of your own ('package.module:Class'), whose ids are its own business."""
     if ":" in engine.engine:
         return None
-    # The dry-run engine marks its ids: its hash scores must never mix with a model's.
-    return ("dry-run:" if engine.engine == "dry-run" else "") + model_identity(engine)
+    if engine.engine == DryRunEngine.name:
+        return dry_run_identity(engine)
+    return model_identity(engine)
 
 
-def _check_calibration(cfg: LabelJobConfig, calibration: Calibration | None) -> None:
+def _check_calibration(cfg: LabelJobConfig, conditions: list[Condition],
+                       calibration: Calibration | None) -> None:
     """Refuse a calibration made for another model, prompt or definition before any work starts
     (and before the manifest records it); the actors check again against the loaded engine."""
     if calibration is None:
         return
     model = _expected_model_id(cfg.engine) or calibration.model
     prompt_hash = DEFAULT_TEMPLATE.template_hash(cfg.method)
-    for condition in load_conditions(cfg.conditions):
+    for condition in conditions:
         calibration.check_applies(model, prompt_hash, condition.name, condition.definition_hash())
 
 
-def _manifest(cfg: LabelJobConfig) -> dict[str, Any]:
-    conditions = load_conditions(cfg.conditions)
-    calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
-    _check_calibration(cfg, calibration)
+def _manifest(cfg: LabelJobConfig, conditions: list[Condition],
+              calibration: Calibration | None) -> dict[str, Any]:
+    _check_calibration(cfg, conditions, calibration)
     return {
         "model": _expected_model_id(cfg.engine) or model_identity(cfg.engine),
         "method": cfg.method,
@@ -242,30 +244,34 @@ def _parse_json_batch(batch: pa.Table, columns: list[str], id_column: str) -> pd
     return tables.parse_json_lines(batch.column("text").to_pylist(), columns, id_column)
 
 
-def _actor_resources(cfg: LabelJobConfig) -> tuple[dict[str, float], int]:
-    """Per-actor resources and the pool's ceiling: one engine per GPU (or TP group) where the
-    cluster has GPUs; otherwise CPU actors sized so that read tasks keep a CPU to run on."""
+def _actor_resources(cfg: LabelJobConfig) -> tuple[dict[str, float], int, EngineConfig]:
+    """Per-actor resources, the pool's ceiling and the actors' engine settings: one engine per
+    GPU (or TP group) where the cluster has GPUs; otherwise CPU actors sized so that read tasks
+    keep a CPU to run on."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus and cfg.engine.device != "cpu":
         per_actor = cfg.engine.tensor_parallel_size
-        return {"num_gpus": per_actor}, cfg.max_actors or max(1, int(gpus // per_actor))
+        return {"num_gpus": per_actor}, cfg.max_actors or max(1, int(gpus // per_actor)), cfg.engine
     cpus = ray.cluster_resources().get("CPU", 1)
     ceiling = cfg.max_actors or max(1, int((cpus - 1) // cfg.cpus_per_actor))
-    if cfg.engine.cpu_threads is None:
+    engine = cfg.engine
+    if engine.cpu_threads is None:
         # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1), which would halve a CPU
         # engine's speed; the read tasks are cheap, so let each actor use its share of cores.
         per_node = max(int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes())
-        cfg.engine.cpu_threads = max(1, per_node // max(1, min(ceiling, per_node)))
-    return {"num_cpus": cfg.cpus_per_actor}, ceiling
+        engine = replace(engine, cpu_threads=max(1, per_node // max(1, min(ceiling, per_node))))
+    return {"num_cpus": cfg.cpus_per_actor}, ceiling, engine
 
 
 def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     started = time.monotonic()
     src, out = tables.locate(cfg.input, cfg.s3_endpoint), tables.locate(cfg.output, cfg.s3_endpoint)
     fmt = tables.table_format(cfg.input, cfg.input_format)
-    check_resume(out, _manifest(cfg))
+    conditions = load_conditions(cfg.conditions)
+    calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
+    check_resume(out, _manifest(cfg, conditions, calibration))
     ids = tables.read_column(src, fmt, cfg.id_column)
     tables.require_column(src, fmt, cfg.text_column)  # fail fast on a wrong --text-column
     duplicates = tables.duplicated_ids(ids)
@@ -273,7 +279,7 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     log.info("%s: %d rows, %d duplicated ids; %d (report, condition) pairs already labelled",
              cfg.input, len(ids), len(duplicates), len(done))
     totals = {"reports": 0, "rows": 0, "errors": 0}
-    if _work_left(ids, duplicates, done, load_conditions(cfg.conditions), cfg.limit):
+    if _work_left(ids, duplicates, done, conditions, cfg.limit):
         totals = _run_pipeline(cfg, src, fmt, len(ids), done, errored, duplicates)
     else:
         log.info("every report already has every condition in %s: nothing to do", cfg.output)
@@ -302,10 +308,11 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, n_rows: int, done: set, er
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
-    resources, ceiling = _actor_resources(cfg)
+    resources, ceiling, engine = _actor_resources(cfg)
     stats = _read_reports(cfg, src, fmt).map_batches(
         LabelActor,
-        fn_constructor_kwargs={"cfg": cfg, "done": done, "errored": errored, "duplicates": duplicates},
+        fn_constructor_kwargs={"cfg": replace(cfg, engine=engine), "done": done,
+                               "errored": errored, "duplicates": duplicates},
         compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, ceiling), max_size=ceiling),
         batch_size=cfg.reports_per_batch, batch_format="pandas", **resources,
     )
