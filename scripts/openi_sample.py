@@ -3,6 +3,13 @@ may not be copied into it) as a report table plus a truth table in the calibrati
 
     python scripts/openi_sample.py --out /tmp/openi --findings cardiomegaly pleural_effusion \
         --per-stratum 1:1=all 0:1=all 1:0=90 0:0=120
+
+With many findings, quotas per combination get unwieldy: `--positives` takes N positives of each
+finding (overlaps count once) and `--negatives` N reports negative for all of them:
+
+    python scripts/openi_sample.py --out /tmp/openi5 --findings cardiomegaly pleural_effusion \
+        pneumothorax atelectasis fracture --positives pneumothorax=all cardiomegaly=35 \
+        pleural_effusion=35 atelectasis=35 fracture=35 --negatives 50
 """
 
 from __future__ import annotations
@@ -32,6 +39,18 @@ def stratified(data: pd.DataFrame, findings: list[str], quotas: dict[str, str], 
     return pd.concat(picked).sample(frac=1.0, random_state=seed)
 
 
+def enriched(data: pd.DataFrame, findings: list[str], positives: dict[str, str], negatives: int,
+             seed: int) -> pd.DataFrame:
+    picked = []
+    for finding, quota in positives.items():
+        pool = data[(data[finding] == 1) & ~data.index.isin([i for p in picked for i in p.index])]
+        take = len(pool) if quota == "all" else min(int(quota), len(pool))
+        picked.append(pool.sample(n=take, random_state=seed))
+    clean = data[(data[findings] == 0).all(axis=1)]
+    picked.append(clean.sample(n=min(negatives, len(clean)), random_state=seed))
+    return pd.concat(picked).sample(frac=1.0, random_state=seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(DATA))
@@ -39,13 +58,21 @@ def main() -> None:
     parser.add_argument("--findings", nargs="+", default=["cardiomegaly", "pleural_effusion"])
     parser.add_argument("--per-stratum", nargs="+", default=["1:1=all", "0:1=all", "1:0=90", "0:0=120"],
                         help="quota per combination of finding labels, e.g. 1:0=90 or 0:0=all")
+    parser.add_argument("--positives", nargs="+", default=None,
+                        help="instead of --per-stratum: positives per finding, e.g. fracture=35")
+    parser.add_argument("--negatives", type=int, default=0,
+                        help="with --positives: reports negative for every finding")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     data = pd.read_csv(args.data, dtype={"uid": str})
     data["text"] = data.apply(report_text, axis=1)
     data = data[data["text"] != ""]
-    quotas = dict(q.split("=") for q in args.per_stratum)
-    sample = stratified(data, args.findings, quotas, args.seed)
+    if args.positives:
+        wanted = dict(q.split("=") for q in args.positives)
+        sample = enriched(data, args.findings, wanted, args.negatives, args.seed)
+    else:
+        quotas = dict(q.split("=") for q in args.per_stratum)
+        sample = stratified(data, args.findings, quotas, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sample.rename(columns={"uid": "report_id"})[["report_id", "text"]].to_csv(
