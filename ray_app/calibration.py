@@ -3,12 +3,18 @@
 A calibration only holds for the model, prompt and definition it was made with: applying it to
 scores from anything else is refused, because thresholds sit near 0.9-0.99 where small shifts
 in the score distribution flip many labels.
+
+Besides the EER threshold each entry may carry an uncertainty band: below `band_low` (the
+threshold reaching the target sensitivity) a report is a confident negative, at or above
+`band_high` (the threshold reaching the target specificity) a confident positive, and in between
+it is `uncertain`: train on the confident rows, send the rest to a person.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +25,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from ray_app.provenance import code_version, utc_now
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 files have no uncertainty band
+DEFAULT_TARGET = 0.95
 
 
 class CalibrationError(ValueError):
@@ -35,6 +43,17 @@ class ThresholdEntry:
     positives: int
     auroc: float
     eer: float
+    band_low: float | None = None
+    band_high: float | None = None
+    target_sensitivity: float | None = None
+    target_specificity: float | None = None
+    band_note: str | None = None  # why there is no band, when there is none
+
+    def is_uncertain(self, score: float) -> bool | None:
+        """True inside the band, False outside, None when this entry has no band."""
+        if self.band_low is None or self.band_high is None:
+            return None
+        return self.band_low <= score < self.band_high
 
 
 @dataclass(frozen=True)
@@ -96,8 +115,9 @@ class Calibration:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise CalibrationError(f"cannot read calibration file {path}: {err}") from err
-        if data.pop("format_version", None) != FORMAT_VERSION:
-            raise CalibrationError(f"{path}: not a ray_app calibration (format {FORMAT_VERSION})")
+        if data.pop("format_version", None) not in READABLE_VERSIONS:
+            raise CalibrationError(f"{path}: not a ray_app calibration (formats "
+                                   f"{READABLE_VERSIONS}); make one with jobs/calibrate.py")
         data.pop("calibration_id", None)
         try:
             data["entries"] = tuple(ThresholdEntry(**e) for e in data["entries"])
@@ -127,18 +147,65 @@ def eer_threshold(labels: Sequence[int], scores: Sequence[float]) -> tuple[float
     return float(thresholds[best]), float((fpr[best] + fnr[best]) / 2)
 
 
+def band_thresholds(labels: Sequence[int], scores: Sequence[float], eer_cut: float,
+                    target_sensitivity: float, target_specificity: float) -> tuple[float, float]:
+    """(low, high): the highest threshold whose sensitivity reaches the target and the lowest
+    whose specificity does, widened if needed so that low <= eer_cut <= high.
+
+    The widening matters for a strong classifier, where the sensitivity target is met above
+    the specificity one: the band then shrinks to nothing around the EER threshold rather
+    than turning inside out."""
+    for name, target in (("sensitivity", target_sensitivity), ("specificity", target_specificity)):
+        if not 0.5 <= target < 1.0:
+            raise CalibrationError(f"target {name} {target} must be in [0.5, 1)")
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    finite = np.isfinite(thresholds)
+    # thresholds fall and tpr/fpr rise along the curve; the slack keeps 18/20 >= 0.9 true
+    # although 1 - 0.9 is 0.0999... in floating point
+    slack = 1e-9
+    low = thresholds[np.flatnonzero(finite & (tpr >= target_sensitivity - slack))[0]]
+    high = thresholds[np.flatnonzero(finite & (fpr <= 1.0 - target_specificity + slack))[-1]]
+    return float(min(low, eer_cut)), float(max(high, eer_cut))
+
+
+def band_too_small(positives: int, negatives: int, target_sensitivity: float,
+                   target_specificity: float) -> str | None:
+    """Why this set cannot place the band, or None. Reaching sensitivity t means missing at most
+    a fraction 1 - t of positives: with fewer than 1 / (1 - t) positives even one miss is too
+    many, so the 'target' threshold is just the lowest positive score."""
+    needed_pos = math.ceil(1.0 / (1.0 - target_sensitivity) - 1e-9)
+    needed_neg = math.ceil(1.0 / (1.0 - target_specificity) - 1e-9)
+    if positives >= needed_pos and negatives >= needed_neg:
+        return None
+    return (f"no uncertainty band: a {target_sensitivity:g} sensitivity / {target_specificity:g} "
+            f"specificity band needs at least {needed_pos} positives and {needed_neg} negatives, "
+            f"this calibration set has {positives} and {negatives}; label more reports or lower "
+            "the targets")
+
+
 def threshold_entry(
-    condition: str, level: str | None, labels: Sequence[int], scores: Sequence[float]
+    condition: str, level: str | None, labels: Sequence[int], scores: Sequence[float],
+    target_sensitivity: float = DEFAULT_TARGET, target_specificity: float = DEFAULT_TARGET,
 ) -> ThresholdEntry:
     threshold, eer = eer_threshold(labels, scores)
+    positives = int(np.sum(labels))
+    note = band_too_small(positives, len(labels) - positives, target_sensitivity,
+                          target_specificity)
+    low, high = (None, None) if note else band_thresholds(
+        labels, scores, threshold, target_sensitivity, target_specificity)
     return ThresholdEntry(
         condition=condition,
         level=level,
         threshold=threshold,
         n=len(labels),
-        positives=int(np.sum(labels)),
+        positives=positives,
         auroc=float(roc_auc_score(labels, scores)),
         eer=eer,
+        band_low=low,
+        band_high=high,
+        target_sensitivity=target_sensitivity,
+        target_specificity=target_specificity,
+        band_note=note,
     )
 
 
@@ -155,7 +222,9 @@ def join_truth(scores: pd.DataFrame, truth: pd.DataFrame, how: str = "inner") ->
     return scored.merge(truth[[*TRUTH_KEY, "label"]], on=TRUTH_KEY, how=how)
 
 
-def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame) -> Calibration:
+def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame,
+                      target_sensitivity: float = DEFAULT_TARGET,
+                      target_specificity: float = DEFAULT_TARGET) -> Calibration:
     """Thresholds for every (condition, level) of `labels` that `truth` covers with both classes.
 
     `labels`: rows of the labelling job (report_id, condition, level, score, model, method,
@@ -171,7 +240,7 @@ def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame) -> Calibration:
         if group["label"].nunique() < 2:
             continue  # one class only: no ROC curve; the level stays uncalibrated
         entries.append(threshold_entry(condition, level or None, group["label"].astype(int),
-                                       group["score"]))
+                                       group["score"], target_sensitivity, target_specificity))
     if not entries:
         raise CalibrationError("no (condition, level) has both positive and negative labels")
     setup = setups.iloc[0]
@@ -181,3 +250,17 @@ def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame) -> Calibration:
         definition_hashes={str(k): str(v) for k, v in definitions.items()},
         entries=tuple(entries), engine=str(labels["engine"].iloc[0]),
     )
+
+
+def describe(calibration: Calibration) -> str:
+    """A table of the entries for logs and terminals."""
+    lines = [f"calibration {calibration.calibration_id}: model {calibration.model}, method "
+             f"{calibration.method}, prompt {calibration.prompt_hash}",
+             f"{'condition':24} {'level':6} {'n':>5} {'pos':>4} {'AUROC':>6} {'EER':>6} "
+             f"{'threshold':>18}  band"]
+    for e in calibration.entries:
+        band = (f"[{e.band_low:.6g}, {e.band_high:.6g})" if e.band_low is not None
+                else e.band_note or "none")
+        lines.append(f"{e.condition:24} {e.level or '-':6} {e.n:5d} {e.positives:4d} "
+                     f"{e.auroc:6.3f} {e.eer:6.3f} {e.threshold!r:>18}  {band}")
+    return "\n".join(lines)

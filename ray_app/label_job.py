@@ -23,7 +23,7 @@ from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.base import model_identity
 from ray_app.engines.dry_run import DryRunEngine, dry_run_identity
 from ray_app.labeller import Labeller, ReportTask
-from ray_app.prompts import DEFAULT_TEMPLATE
+from ray_app.prompts import DEFAULT_TEMPLATE, PromptTemplate, load_prompt
 from ray_app.provenance import code_version, utc_now
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ class LabelJobConfig:
     text_column: str = field(default="text", metadata={"doc": "Column with the report text."})
     input_format: str | None = field(default=None, metadata={"doc": "csv/parquet/json; else by extension."})
     calibration: str | None = field(default=None, metadata={"doc": "Calibration JSON: adds labels."})
+    prompt: str | None = field(
+        default=None, metadata={"doc": "YAML prompt variant(s); default: the paper's wording."})
+    prompt_name: str | None = field(
+        default=None, metadata={"doc": "Which variant of a --prompt file with several."})
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"doc": "Model settings."})
     reports_per_batch: int = field(default=64, metadata={"doc": "Reports per actor call (one file)."})
     min_actors: int = field(default=1, metadata={"doc": "Engine actors kept running."})
@@ -78,6 +82,10 @@ def _expected_model_id(engine: EngineConfig) -> str | None:
     return model_identity(engine)
 
 
+def prompt_template(cfg: LabelJobConfig) -> PromptTemplate:
+    return load_prompt(cfg.prompt, cfg.prompt_name) if cfg.prompt else DEFAULT_TEMPLATE
+
+
 def _check_calibration(cfg: LabelJobConfig, conditions: list[Condition],
                        calibration: Calibration | None) -> None:
     """Refuse a calibration made for another model, prompt or definition before any work starts
@@ -85,7 +93,7 @@ def _check_calibration(cfg: LabelJobConfig, conditions: list[Condition],
     if calibration is None:
         return
     model = _expected_model_id(cfg.engine) or calibration.model
-    prompt_hash = DEFAULT_TEMPLATE.template_hash(cfg.method)
+    prompt_hash = prompt_template(cfg).template_hash(cfg.method)
     for condition in conditions:
         calibration.check_applies(model, prompt_hash, condition.name, condition.definition_hash())
 
@@ -96,7 +104,7 @@ def _manifest(cfg: LabelJobConfig, conditions: list[Condition],
     return {
         "model": _expected_model_id(cfg.engine) or model_identity(cfg.engine),
         "method": cfg.method,
-        "prompt_hash": DEFAULT_TEMPLATE.template_hash(cfg.method),
+        "prompt_hash": prompt_template(cfg).template_hash(cfg.method),
         "conditions": {c.name: c.definition_hash() for c in conditions},
         "calibration_id": calibration.calibration_id if calibration else None,
     }
@@ -145,7 +153,7 @@ class LabelActor:
         self.condition_names = [c.name for c in conditions]
         calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
         self.labeller = Labeller(make_engine(cfg.engine), conditions, cfg.method,
-                                 calibration=calibration)
+                                 prompt_template(cfg), calibration=calibration)
         self.out = tables.locate(cfg.output, cfg.s3_endpoint)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # Columns of every label row, in output order.
 LABEL_COLUMNS = (
-    "report_id", "condition", "level", "method", "score", "label", "threshold", "summary",
+    "report_id", "condition", "level", "method", "score", "label", "threshold", "uncertain",
+    "summary",
     "truncated", "model", "engine", "definition_hash", "prompt_hash", "calibration_id",
     "code_version", "labelled_at",
 )
@@ -119,6 +120,7 @@ class Labeller:
             "score": float(score),
             "label": None if entry is None else bool(score >= entry.threshold),
             "threshold": None if entry is None else entry.threshold,
+            "uncertain": None if entry is None else entry.is_uncertain(score),
             "summary": item.summary,
             "truncated": item.truncated,
             "model": self.engine.model_id,

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
 
 from ray_app.conditions import Condition
 
@@ -62,6 +65,67 @@ class PromptTemplate:
 
 
 DEFAULT_TEMPLATE = PromptTemplate()
+
+# The placeholders each field may use; anything else is a typo that would fail on every report.
+_PLACEHOLDERS = {
+    "system": {"condition", "report"},
+    "direct_question": {"definition", "condition", "at_level"},
+    "summary_request": {"condition"},
+    "summary_question": {"definition", "condition", "at_level"},
+    "level_suffix": {"level"},
+}
+
+
+class PromptError(ValueError):
+    """A prompt variant file that cannot be used."""
+
+
+def template_from_dict(data: dict, where: str) -> PromptTemplate:
+    """A PromptTemplate from a mapping of its fields (others keep the paper's wording)."""
+    known = {f.name for f in fields(PromptTemplate)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PromptError(f"{where}: unknown prompt fields {unknown}; known: {sorted(known)}")
+    for name, allowed in _PLACEHOLDERS.items():
+        if name in data:
+            _check_placeholders(str(data[name]), allowed, f"{where}, field {name!r}")
+    if "report" not in str(data.get("system", "{report}")):
+        raise PromptError(f"{where}: the system field must contain {{report}}")
+    return PromptTemplate(**{k: str(v) for k, v in data.items()})
+
+
+def _check_placeholders(text: str, allowed: set[str], where: str) -> None:
+    try:
+        text.format(**{name: "" for name in allowed})
+    except (KeyError, IndexError, ValueError) as err:
+        raise PromptError(f"{where}: bad placeholder {err} (allowed: "
+                          f"{', '.join('{' + a + '}' for a in sorted(allowed))}); write a literal "
+                          "brace as {{ or }}") from err
+
+
+def load_prompt_variants(path: str | Path) -> list[PromptTemplate]:
+    """Prompt variants from YAML: one mapping, or a list of mappings each with a unique `name`."""
+    data = yaml.safe_load(Path(path).read_text())
+    items = data if isinstance(data, list) else [data]
+    if not items or not all(isinstance(i, dict) for i in items):
+        raise PromptError(f"{path}: expected a mapping of prompt fields or a list of them")
+    variants = [template_from_dict(item, f"{path}, variant {n}") for n, item in enumerate(items)]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise PromptError(f"{path}: variant names must be unique, got {names}")
+    return variants
+
+
+def load_prompt(path: str | Path, name: str | None = None) -> PromptTemplate:
+    """One variant from a prompt file: the only one, or the one called `name`."""
+    variants = load_prompt_variants(path)
+    if name is None and len(variants) == 1:
+        return variants[0]
+    chosen = [v for v in variants if v.name == name]
+    if not chosen:
+        raise PromptError(f"{path}: choose a variant with --prompt-name, one of "
+                          f"{[v.name for v in variants]} (got {name!r})")
+    return chosen[0]
 
 
 def _system(template: PromptTemplate, condition: Condition, report: str) -> Message:

@@ -28,7 +28,7 @@ FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "js
 LABEL_SCHEMA = pa.schema([
     ("report_id", pa.string()), ("condition", pa.string()), ("level", pa.string()),
     ("method", pa.string()), ("score", pa.float64()), ("label", pa.bool_()),
-    ("threshold", pa.float64()), ("summary", pa.string()), ("truncated", pa.bool_()),
+    ("threshold", pa.float64()), ("uncertain", pa.bool_()), ("summary", pa.string()), ("truncated", pa.bool_()),
     ("model", pa.string()), ("engine", pa.string()), ("definition_hash", pa.string()),
     ("prompt_hash", pa.string()), ("calibration_id", pa.string()), ("code_version", pa.string()),
     ("labelled_at", pa.string()),
@@ -253,3 +253,17 @@ def read_finished(loc: TableLocation, columns: list[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     frames = [pq.read_table(p, columns=columns, filesystem=loc.fs).to_pandas() for p in parts]
     return pd.concat(frames, ignore_index=True)
+
+
+def read_label_rows(uri: str, s3_endpoint: str | None = None) -> pd.DataFrame:
+    """Every label row of a labelling job: `uri` is the job's output folder (with labels/ in
+    it) or a folder of label Parquet parts."""
+    loc = locate(uri, s3_endpoint)
+    labels = loc.child("labels")
+    if loc.fs.get_file_info(labels.path).type == pafs.FileType.Directory:
+        loc = labels
+    rows = read_finished(loc, None)
+    if rows.empty:
+        raise FileNotFoundError(f"no label rows under {uri}: pass the output folder of "
+                                "jobs/label_reports.py")
+    return rows

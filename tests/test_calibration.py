@@ -13,6 +13,7 @@ from ray_app.calibration import (
     Calibration,
     CalibrationError,
     ThresholdEntry,
+    band_thresholds,
     eer_threshold,
     threshold_entry,
 )
@@ -85,7 +86,82 @@ def test_one_class_raises(labels, scores):
 
 def test_threshold_entry_fields():
     entry = threshold_entry("spinal_cancer", None, LABELS, SCORES)
-    assert entry == ThresholdEntry("spinal_cancer", None, 0.6, 8, 4, 0.8125, 0.25)
+    base = ThresholdEntry("spinal_cancer", None, 0.6, 8, 4, 0.8125, 0.25)
+    assert dataclasses.replace(entry, band_note=None, target_sensitivity=None,
+                               target_specificity=None) == base
+
+
+# --- Uncertainty band ---------------------------------------------------------------------------
+
+# Worked band example. Negatives score 0..19, positives 3..22 (20 each).
+# Sensitivity >= 0.95 allows one missed positive: the highest such threshold is 4 (misses 3).
+# Specificity >= 0.95 allows one negative at or above the threshold: the lowest such threshold
+# is 19 (only the negative 19 passes; at 18 two do).
+BAND_LABELS = [0] * 20 + [1] * 20
+BAND_SCORES = [float(i) for i in range(20)] + [float(i) for i in range(3, 23)]
+
+
+def test_band_on_worked_example():
+    entry = threshold_entry("fracture", None, BAND_LABELS, BAND_SCORES)
+    assert (entry.band_low, entry.band_high) == (4.0, 19.0)
+    assert entry.band_low <= entry.threshold <= entry.band_high
+    assert entry.band_note is None
+    assert [entry.is_uncertain(s) for s in (3.0, 4.0, 18.9, 19.0)] == [False, True, True, False]
+
+
+def test_band_targets_are_met_and_tightest():
+    y = np.asarray(BAND_LABELS)
+    s = np.asarray(BAND_SCORES)
+    low, high = band_thresholds(y, s, 11.0, 0.9, 0.9)
+
+    def sensitivity(t):
+        return 1 - rates(y, s, t)[1]
+
+    def specificity(t):
+        return 1 - rates(y, s, t)[0]
+
+    assert (low, high) == (5.0, 18.0)
+    assert sensitivity(low) >= 0.9 and sensitivity(low + 1) < 0.9
+    assert specificity(high) >= 0.9 and specificity(high - 1) < 0.9
+
+
+def test_band_of_a_separating_score_shrinks_to_the_eer_threshold():
+    # Perfect separation: the sensitivity target is met above the specificity one, so the raw
+    # band would be inside out (low 101 > high 19); it must collapse onto the EER threshold.
+    labels = [0] * 20 + [1] * 20
+    scores = [float(i) for i in range(20)] + [float(i) for i in range(100, 120)]
+    entry = threshold_entry("pneumothorax", None, labels, scores)
+    assert entry.band_low == entry.band_high == entry.threshold
+    assert not any(entry.is_uncertain(s) for s in scores)
+
+
+def test_band_needs_enough_of_each_class():
+    entry = threshold_entry("fracture", None, [0] * 30 + [1] * 12, [0.1] * 30 + [0.9] * 12)
+    assert entry.band_low is None and entry.is_uncertain(0.5) is None
+    assert "needs at least 20 positives and 20 negatives" in entry.band_note
+    assert "has 12 and 30" in entry.band_note
+    lowered = threshold_entry("fracture", None, [0] * 30 + [1] * 12, [0.1] * 30 + [0.9] * 12,
+                              target_sensitivity=0.9, target_specificity=0.9)
+    assert lowered.band_note is None and lowered.band_low is not None
+
+
+def test_band_target_out_of_range_is_refused():
+    with pytest.raises(CalibrationError, match=r"target sensitivity 1.0 must be in"):
+        band_thresholds(BAND_LABELS, BAND_SCORES, 10.0, 1.0, 0.95)
+
+
+def test_version_1_file_loads_without_a_band(tmp_path):
+    data = make_calibration().to_dict()
+    data["format_version"] = 1
+    for entry in data["entries"]:
+        for key in ("band_low", "band_high", "target_sensitivity", "target_specificity",
+                    "band_note"):
+            entry.pop(key)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    loaded = Calibration.load(path)
+    assert loaded.entry("fracture", None).threshold == 0.5
+    assert loaded.entry("fracture", None).is_uncertain(0.5) is None
 
 
 # --- Calibration files --------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The labeller core with a tiny model: rows, methods, calibration, truncation."""
 
+import dataclasses
+
 import pytest
 
 from ray_app.calibration import Calibration, CalibrationError, ThresholdEntry
@@ -62,6 +64,31 @@ def test_calibrated_labels_use_the_threshold(tiny_engine, conditions):
     assert sorted(r["label"] for r in rows) == [False, True]
     assert all(r["threshold"] == middle and r["calibration_id"] == calibration.calibration_id
                for r in rows)
+    assert all(r["uncertain"] is None for r in rows)  # this entry has no band
+
+
+def test_rows_inside_the_band_are_uncertain(tiny_engine, conditions):
+    low, high = sorted(r["score"] for r in Labeller(tiny_engine, conditions[:1]).label(TASKS))
+    calibration = Calibration(
+        model=tiny_engine.model_id, method="direct",
+        prompt_hash=DEFAULT_TEMPLATE.template_hash("direct"),
+        definition_hashes={"spinal_cancer": conditions[0].definition_hash()},
+        entries=(ThresholdEntry("spinal_cancer", None, high, 40, 20, 0.9, 0.1,
+                                band_low=low, band_high=high),),
+    )
+    rows = Labeller(tiny_engine, conditions[:1], calibration=calibration).label(TASKS)
+    flags = {r["score"]: r["uncertain"] for r in rows}
+    assert flags == {low: True, high: False}  # the band is [low, high)
+
+
+def test_prompt_variant_changes_scores_and_hash(tiny_engine, conditions):
+    variant = dataclasses.replace(DEFAULT_TEMPLATE, name="terse",
+                                  direct_question="Does the patient have {condition}{at_level}?")
+    paper = Labeller(tiny_engine, conditions[:1]).label(TASKS)
+    terse = Labeller(tiny_engine, conditions[:1], template=variant).label(TASKS)
+    assert {r["prompt_hash"] for r in terse} == {variant.template_hash("direct")}
+    assert terse[0]["prompt_hash"] != paper[0]["prompt_hash"]
+    assert [r["score"] for r in terse] != [r["score"] for r in paper]
 
 
 def test_calibration_for_another_model_is_refused(tiny_engine, conditions):
