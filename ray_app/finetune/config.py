@@ -1,0 +1,116 @@
+"""The fine-tuning job's settings: one dataclass, every field documented, the paper's LoRA
+values as defaults (DESIGN.md, "Summary fine-tuning (LoRA)")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MODES = ("summary", "labeller", "impression")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run needs; every field is a key of the job's YAML."""
+
+    mode: str = field(metadata={"doc": "'summary' (summary SFT), 'labeller' (instruction-tuned "
+                                       "yes/no labeller) or 'impression' (findings -> impression)."})
+    train_input: str = field(metadata={"doc": "Reports for training: CSV, Parquet or JSONL with "
+                                              "an id and a text column."})
+    output: str = field(metadata={"doc": "Output folder: adapter/, provenance.json, merged/."})
+    model: str = field(default="smollm2-135m-instruct",
+                       metadata={"doc": "Base model: pip model name, HF folder or .gguf file."})
+    eval_input: str | None = field(default=None,
+                                   metadata={"doc": "Held-out reports (same format); evaluated "
+                                                    "before and after training."})
+    train_labels: str | None = field(default=None,
+                                     metadata={"doc": "labeller: table of report_id, condition, "
+                                                      "level, label (0/1) for train_input."})
+    eval_labels: str | None = field(default=None,
+                                    metadata={"doc": "labeller: the same table for eval_input."})
+    conditions: list[str] = field(default_factory=list,
+                                  metadata={"doc": "labeller: condition names or YAML paths "
+                                                   "whose labels are trained."})
+    id_column: str = field(default="report_id", metadata={"doc": "Column with report ids."})
+    text_column: str = field(default="text", metadata={"doc": "Column with report text."})
+    summary_kinds: list[str] = field(default_factory=lambda: ["impression", "findings"],
+                                     metadata={"doc": "summary: section kinds that count as the "
+                                                      "summary (the paper: impression/conclusion/"
+                                                      "summary, else findings)."})
+    # LoRA (paper defaults)
+    lora_r: int = field(default=16, metadata={"doc": "LoRA rank."})
+    lora_alpha: int = field(default=8, metadata={"doc": "LoRA scaling numerator (alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"doc": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                      metadata={"doc": "Linear layers that get adapters."})
+    # Optimisation
+    learning_rate: float = field(default=1e-5, metadata={"doc": "AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay."})
+    warmup_steps: int = field(default=0, metadata={"doc": "Linear warm-up steps, then constant."})
+    epochs: int = field(default=3, metadata={"doc": "Passes over the training examples."})
+    max_steps: int | None = field(default=None,
+                                  metadata={"doc": "Stop after this many optimizer steps "
+                                                   "(None: all epochs)."})
+    batch_size: int = field(default=4, metadata={"doc": "Examples per worker per micro-batch."})
+    grad_accumulation: int = field(default=1,
+                                   metadata={"doc": "Micro-batches per optimizer step."})
+    max_length: int = field(default=1024,
+                            metadata={"doc": "Longest training sequence in tokens; longer "
+                                             "prompts lose their middle, targets are kept."})
+    prompt_head_tokens: int = field(default=64,
+                                    metadata={"doc": "Tokens kept at a truncated prompt's start "
+                                                     "(chat template, instructions)."})
+    seed: int = field(default=0, metadata={"doc": "Seed of data order and LoRA initialisation."})
+    gradient_checkpointing: bool = field(default=False,
+                                         metadata={"doc": "Recompute activations: less memory, "
+                                                          "~30% more compute."})
+    # Workers
+    num_workers: int = field(default=1, metadata={"doc": "Data-parallel Ray Train workers."})
+    use_gpu: bool | None = field(default=None,
+                                 metadata={"doc": "One GPU per worker; None: if the cluster "
+                                                  "has GPUs. bf16 on GPU, fp32 on CPU."})
+    cpus_per_worker: float = field(default=1.0,
+                                   metadata={"doc": "CPUs reserved per worker (fractions allowed)."})
+    torch_threads: int | None = field(default=None,
+                                      metadata={"doc": "torch threads per CPU worker; None: the "
+                                                       "node's cores / workers."})
+    # Checkpoints, logs, evaluation
+    storage_path: str | None = field(default=None,
+                                     metadata={"doc": "Ray Train storage for checkpoints (shared "
+                                                      "on a cluster); None: <output>/ray_train."})
+    run_name: str = field(default="finetune",
+                          metadata={"doc": "Run name under storage_path; rerunning the same name "
+                                           "resumes from its latest checkpoint."})
+    checkpoint_every: int = field(default=100, metadata={"doc": "Optimizer steps per checkpoint."})
+    keep_checkpoints: int = field(default=2, metadata={"doc": "Checkpoints kept on storage."})
+    log_every: int = field(default=1, metadata={"doc": "Optimizer steps between loss/tokens/s logs."})
+    eval_generate: int = field(default=0,
+                               metadata={"doc": "impression: held-out examples generated for "
+                                                "ROUGE before and after (0: none)."})
+    max_new_tokens: int = field(default=96, metadata={"doc": "Longest generated impression."})
+    merge: bool = field(default=False,
+                        metadata={"doc": "Also write merged/ (base + adapter as one HF model)."})
+    limit: int | None = field(default=None, metadata={"doc": "Only the first N reports (trials)."})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+        if self.mode == "labeller" and not (self.train_labels and self.conditions):
+            raise ValueError("mode 'labeller' needs train_labels (report_id, condition, level, "
+                             "label) and conditions")
+        if self.eval_input and self.mode == "labeller" and not self.eval_labels:
+            raise ValueError("mode 'labeller' with eval_input needs eval_labels")
+        for name in ("batch_size", "grad_accumulation", "epochs", "max_length",
+                     "checkpoint_every", "num_workers", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown fine-tuning setting(s) {sorted(unknown)}; "
+                             f"known: {sorted(known)}")
+        return cls(**data)

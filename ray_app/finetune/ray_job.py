@@ -1,0 +1,231 @@
+"""The fine-tuning job on Ray Train: data prepared on the driver, `train.train_worker` run by
+data-parallel `TorchTrainer` workers, the adapter exported with its provenance.
+
+Resumable: checkpoints go to `<storage_path>/<run_name>`; rerunning the same config after a
+kill restores Ray Train's record of them and the workers continue from the latest step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ray_app.finetune import datasets
+from ray_app.finetune.config import FinetuneConfig
+from ray_app.finetune.masking import TokenisedExample, tokenise_all
+from ray_app.finetune.train import ADAPTER_DIR, STATE_FILE, train_worker
+from ray_app.provenance import code_version, utc_now
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "training_provenance.json"
+
+
+def build_examples(cfg: FinetuneConfig, reports_uri: str, labels_uri: str | None
+                   ) -> tuple[list[datasets.TextExample], datasets.BuildReport]:
+    """The mode's examples from one report table (and its labels, for the labeller)."""
+    reports = datasets.read_reports(reports_uri, cfg.id_column, cfg.text_column, cfg.limit)
+    if cfg.mode == "summary":
+        return datasets.summary_examples(reports, cfg.summary_kinds)
+    if cfg.mode == "impression":
+        return datasets.impression_examples(reports)
+    from ray_app.conditions import load_conditions
+
+    labels = datasets.read_labels(labels_uri or "")
+    return datasets.labeller_examples(reports, labels, load_conditions(cfg.conditions))
+
+
+def prepare_data(cfg: FinetuneConfig, tokenizer: Any
+                 ) -> tuple[list[TokenisedExample], list[TokenisedExample], dict[str, Any]]:
+    """Tokenised training and held-out examples, and what the builders reported."""
+    info: dict[str, Any] = {}
+    splits: dict[str, list[TokenisedExample]] = {"train": [], "eval": []}
+    sources = {"train": (cfg.train_input, cfg.train_labels),
+               "eval": (cfg.eval_input, cfg.eval_labels)}
+    for split, (reports_uri, labels_uri) in sources.items():
+        if reports_uri is None:
+            continue
+        examples, report = build_examples(cfg, reports_uri, labels_uri)
+        splits[split], counts = tokenise_all(tokenizer, examples, cfg.max_length,
+                                             cfg.prompt_head_tokens)
+        info[split] = {"input": reports_uri, "build": report.summary(), **counts,
+                       "examples": len(splits[split]),
+                       "target_tokens": sum(e.target_tokens for e in splits[split])}
+        log.info("%s data: %s; %s", split, report.summary(), counts)
+    if not splits["train"]:
+        raise ValueError(f"no training examples from {cfg.train_input}: {info['train']['build']}")
+    return splits["train"], splits["eval"], info
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker."""
+    import ray
+    import torch
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    cfg = FinetuneConfig.from_dict(config["cfg"])
+    ctx = RayWorkerContext()
+    if ctx.device.type == "cpu":
+        threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+        torch.set_num_threads(threads)
+    train_worker(cfg, ray.get(config["train"]), ray.get(config["eval"]), ctx)
+
+
+class RayWorkerContext:
+    """WorkerContext on Ray Train: rank, device and DDP from Ray, checkpoints to its storage."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, model: Any) -> Any:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        name = f"step-{metrics['step']:08d}" if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def resume_dir(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        return checkpoint.to_directory(tempfile.mkdtemp(prefix="ray_app_resume_"))
+
+    def gather(self, value: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or self.world_size == 1:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+
+def _use_gpu(cfg: FinetuneConfig) -> bool:
+    import ray
+
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
+                 heldout: list[TokenisedExample]):
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = _use_gpu(cfg)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    storage = os.path.abspath(cfg.storage_path or os.path.join(cfg.output, "ray_train"))
+    return TorchTrainer(
+        _worker_entry,
+        train_loop_config={"cfg": asdict(cfg), "train": ray.put(train), "eval": ray.put(heldout)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run_name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Prepare data, train on Ray, write <output>/adapter with its provenance; returns it."""
+    import ray
+
+    from ray_app.finetune.train import load_tokenizer
+
+    started, started_at = time.monotonic(), utc_now()
+    train, heldout, data_info = prepare_data(cfg, load_tokenizer(cfg.model))
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True)
+    result = make_trainer(cfg, train, heldout).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint: {result.error}")
+    provenance = {
+        "base_model": cfg.model, "mode": cfg.mode, "config": asdict(cfg), "data": data_info,
+        "workers": cfg.num_workers, "device": "cuda" if _use_gpu(cfg) else "cpu",
+        "started_at": started_at, "finished_at": utc_now(),
+        "seconds": round(time.monotonic() - started, 1), "code_version": code_version(),
+        "versions": _versions(), **_prompt_provenance(cfg),
+    }
+    adapter = export_adapter(result.checkpoint, cfg.output, provenance)
+    if cfg.merge:
+        merge_adapter(cfg.model, adapter, os.path.join(cfg.output, "merged"))
+    return json.loads((Path(adapter) / PROVENANCE_FILE).read_text())
+
+
+def export_adapter(checkpoint, output: str, provenance: dict[str, Any]) -> str:
+    """Copy the final checkpoint's adapter to <output>/adapter, with the run's progress
+    (steps, per-step loss and tokens/s, evaluation before/after) in its provenance file."""
+    target = Path(output) / ADAPTER_DIR
+    with checkpoint.as_directory() as folder:
+        state = json.loads((Path(folder) / STATE_FILE).read_text())
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(Path(folder) / ADAPTER_DIR, target)
+    final = state["history"][-1] if state["history"] else {}
+    provenance = {**provenance, "steps": state["step"], "resumed_from": state["resumed_from"],
+                  "eval_before": state["eval_before"], "eval_after": state["eval_after"],
+                  "final_step": final,
+                  "history": state["history"]}
+    (target / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str))
+    log.info("adapter written to %s (%d steps)", target, state["step"])
+    return str(target)
+
+
+def merge_adapter(model_spec: str, adapter: str, target: str) -> None:
+    """Base + adapter as one Hugging Face model folder (fp32), for engines without LoRA."""
+    import torch
+    from peft import PeftModel
+
+    from ray_app.finetune.train import load_base
+
+    model, tokenizer = load_base(model_spec, torch.device("cpu"))
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    shutil.copy(Path(adapter) / PROVENANCE_FILE, Path(target) / PROVENANCE_FILE)
+    log.info("merged model written to %s", target)
+
+
+def _prompt_provenance(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Labeller: the prompt and definitions trained on (labels from the adapter are only
+    meaningful with the same ones)."""
+    if cfg.mode != "labeller":
+        return {}
+    from ray_app.conditions import load_conditions
+    from ray_app.prompts import DEFAULT_TEMPLATE
+
+    return {"prompt_hash": DEFAULT_TEMPLATE.template_hash("direct"),
+            "definition_hashes": {c.name: c.definition_hash()
+                                  for c in load_conditions(cfg.conditions)}}
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import ray
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "ray": ray.__version__}
