@@ -17,7 +17,8 @@ import yaml
 from ray_app.sections import SECTION_KINDS
 
 _BUILTIN_PACKAGE = "ray_app.condition_specs"
-_ALLOWED_KEYS = {"name", "display_name", "definition", "levels", "drop_sections", "few_shot"}
+_ALLOWED_KEYS = {"name", "display_name", "definition", "levels", "drop_sections", "few_shot",
+                 "synonyms"}
 _ANSWERS = ("yes", "no")
 
 
@@ -48,6 +49,9 @@ class Condition:
     )
     few_shot: tuple[FewShotExample, ...] = field(
         default=(), metadata={"doc": "Optional worked examples (off by default in the method)."}
+    )
+    synonyms: tuple[str, ...] = field(
+        default=(), metadata={"doc": "Phrases the rule baseline looks for; not shown to the LLM."}
     )
 
     @property
@@ -96,6 +100,7 @@ def condition_from_dict(data: dict, source: str) -> Condition:
         levels=tuple(levels),
         drop_sections=tuple(drops),
         few_shot=tuple(_few_shot(data.get("few_shot") or [], source)),
+        synonyms=tuple(_text_list(data.get("synonyms") or [], "synonyms", source)),
     )
 
 

@@ -17,13 +17,14 @@ import pandas as pd
 import pyarrow as pa
 
 from ray_app import report_tables as tables
-from ray_app.calibration import Calibration
+from ray_app.calibration import Calibration, CalibrationError
 from ray_app.conditions import Condition, load_conditions
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.base import model_identity
 from ray_app.engines.dry_run import DryRunEngine, dry_run_identity
 from ray_app.labeller import Labeller, ReportTask
 from ray_app.prompts import DEFAULT_TEMPLATE, PromptTemplate, load_prompt
+from ray_app import rule_baseline as rules
 from ray_app.provenance import code_version, utc_now
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class LabelJobConfig:
     input: str = field(metadata={"doc": "CSV, Parquet or JSONL file/folder; local or s3://."})
     output: str = field(metadata={"doc": "Output folder (labels/, errors/, manifest.json)."})
     conditions: list[str] = field(metadata={"doc": "Built-in condition names or YAML paths."})
-    method: str = field(default="direct", metadata={"doc": "'direct' or 'summary'."})
+    method: str = field(default="direct", metadata={
+        "doc": "'direct' or 'summary' (LLM), or 'rules' for the rule-based baseline (no model)."})
     id_column: str = field(default="report_id", metadata={"doc": "Column with unique report ids."})
     text_column: str = field(default="text", metadata={"doc": "Column with the report text."})
     input_format: str | None = field(default=None, metadata={"doc": "csv/parquet/json; else by extension."})
@@ -86,14 +88,35 @@ def prompt_template(cfg: LabelJobConfig) -> PromptTemplate:
     return load_prompt(cfg.prompt, cfg.prompt_name) if cfg.prompt else DEFAULT_TEMPLATE
 
 
+def _setup_identity(cfg: LabelJobConfig, conditions: list[Condition]) -> tuple[str, str]:
+    """(model id, prompt hash) that the rows will carry, known before any model loads."""
+    if cfg.method == rules.METHOD:
+        return rules.rules_model_id(), rules.rules_hash(conditions)
+    model = _expected_model_id(cfg.engine) or model_identity(cfg.engine)
+    return model, prompt_template(cfg).template_hash(cfg.method)
+
+
+def make_labeller(cfg: LabelJobConfig) -> Labeller | rules.RuleLabeller:
+    conditions = load_conditions(cfg.conditions)
+    if cfg.method == rules.METHOD:
+        return rules.RuleLabeller(conditions)
+    calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
+    return Labeller(make_engine(cfg.engine), conditions, cfg.method, prompt_template(cfg),
+                    calibration=calibration)
+
+
 def _check_calibration(cfg: LabelJobConfig, conditions: list[Condition],
                        calibration: Calibration | None) -> None:
     """Refuse a calibration made for another model, prompt or definition before any work starts
     (and before the manifest records it); the actors check again against the loaded engine."""
     if calibration is None:
         return
-    model = _expected_model_id(cfg.engine) or calibration.model
-    prompt_hash = prompt_template(cfg).template_hash(cfg.method)
+    if cfg.method == rules.METHOD:
+        raise CalibrationError("the rule baseline's scores are labels already (1 = mentioned, "
+                               "0.5 = hedged, 0 = absent or negated); run it without --calibration")
+    model, prompt_hash = _setup_identity(cfg, conditions)
+    if _expected_model_id(cfg.engine) is None:
+        model = calibration.model  # an engine of your own: the actors check its ids
     for condition in conditions:
         calibration.check_applies(model, prompt_hash, condition.name, condition.definition_hash())
 
@@ -101,10 +124,11 @@ def _check_calibration(cfg: LabelJobConfig, conditions: list[Condition],
 def _manifest(cfg: LabelJobConfig, conditions: list[Condition],
               calibration: Calibration | None) -> dict[str, Any]:
     _check_calibration(cfg, conditions, calibration)
+    model, prompt_hash = _setup_identity(cfg, conditions)
     return {
-        "model": _expected_model_id(cfg.engine) or model_identity(cfg.engine),
+        "model": model,
         "method": cfg.method,
-        "prompt_hash": prompt_template(cfg).template_hash(cfg.method),
+        "prompt_hash": prompt_hash,
         "conditions": {c.name: c.definition_hash() for c in conditions},
         "calibration_id": calibration.calibration_id if calibration else None,
     }
@@ -149,11 +173,8 @@ class LabelActor:
     def __init__(self, cfg: LabelJobConfig, done: set, errored: set, duplicates: dict[str, int]):
         self.cfg = cfg
         self.done, self.errored, self.duplicates = done, errored, duplicates
-        conditions = load_conditions(cfg.conditions)
-        self.condition_names = [c.name for c in conditions]
-        calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
-        self.labeller = Labeller(make_engine(cfg.engine), conditions, cfg.method,
-                                 prompt_template(cfg), calibration=calibration)
+        self.labeller = make_labeller(cfg)
+        self.condition_names = list(self.labeller.conditions)
         self.out = tables.locate(cfg.output, cfg.s3_endpoint)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -259,7 +280,7 @@ def _actor_resources(cfg: LabelJobConfig) -> tuple[dict[str, float], int, Engine
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus and cfg.engine.device != "cpu":
+    if gpus and cfg.engine.device != "cpu" and cfg.method != rules.METHOD:
         per_actor = cfg.engine.tensor_parallel_size
         return {"num_gpus": per_actor}, cfg.max_actors or max(1, int(gpus // per_actor)), cfg.engine
     cpus = ray.cluster_resources().get("CPU", 1)

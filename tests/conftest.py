@@ -20,3 +20,21 @@ def tiny_engine(tiny_model_dir):
     from ray_app.engines import EngineConfig, make_engine
 
     return make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=4, max_new_tokens=12))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for a test module (`pytest.mark.usefixtures("ray_cluster")`). tests/ is on
+    the workers' path so that an engine class defined in a test module (such as
+    'test_label_job:FailingEngine') can be imported inside the actors."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    tests = Path(__file__).resolve().parent
+    path = os.pathsep.join(p for p in (str(tests), str(tests.parent), os.environ.get("PYTHONPATH"))
+                           if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled"}})
+    yield
+    ray.shutdown()

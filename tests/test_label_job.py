@@ -29,7 +29,7 @@ from ray_app.prompts import DEFAULT_TEMPLATE
 from ray_app.provenance import code_version
 from frames import write_frame
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -75,21 +75,6 @@ REPORT_TEXTS = [
     "IMPRESSION: Epidural lymphoma at L3 with moderate canal stenosis.",
 ]
 GOOD_IDS = [f"spine-{i:03d}" for i in range(1, len(REPORT_TEXTS) + 1)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    """One local Ray for the module. tests/ is put on the workers' path so that an engine
-    class defined here ('test_label_job:FailingEngine') can be imported inside the actors."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    path = os.pathsep.join(p for p in (str(TESTS), str(REPO), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled"}})
-    yield
-    ray.shutdown()
 
 
 class FailingEngine(DryRunEngine):
