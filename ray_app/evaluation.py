@@ -1,0 +1,102 @@
+"""Evaluate labelling runs against hand labels, side by side, with bootstrap intervals.
+
+Every run (direct vs summary query, two models, two prompt variants, the rule baseline) is
+judged on the same reports: a seeded split of the hand-labelled reports picks each run's EER
+threshold on the calibration part (or a stored calibration supplies it), and the metrics come
+from the evaluation part. Plain pandas and scikit-learn; the Markdown and plots are in
+evaluation_report.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ray_app.calibration import Calibration, CalibrationError, eer_threshold, join_truth
+from ray_app.metrics import METRICS, binary_metrics, bootstrap_intervals
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    calibration_fraction: float = field(default=0.3, metadata={
+        "doc": "Share of hand-labelled reports used to choose thresholds; metrics on the rest."})
+    seed: int = field(default=0, metadata={"doc": "Seed of the split and of the bootstrap."})
+    bootstrap: int = field(default=1000, metadata={"doc": "Bootstrap resamples per metric."})
+    confidence: float = field(default=0.95, metadata={"doc": "Width of the intervals."})
+
+
+@dataclass
+class Run:
+    """One labelling run: a name for the tables and its label rows."""
+
+    name: str
+    labels: pd.DataFrame
+    calibration: Calibration | None = None  # stored thresholds instead of the split's
+
+
+def split_reports(truth: pd.DataFrame, fraction: float, seed: int) -> tuple[set, set]:
+    """(calibration ids, evaluation ids): a seeded shuffle of the hand-labelled report ids."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"calibration fraction {fraction} must be in [0, 1)")
+    ids = np.array(sorted(truth["report_id"].astype(str).unique()))
+    np.random.default_rng(seed).shuffle(ids)
+    cut = int(round(len(ids) * fraction))
+    return set(ids[:cut]), set(ids[cut:])
+
+
+def evaluate_runs(runs: list[Run], truth: pd.DataFrame, cfg: EvaluationConfig) -> pd.DataFrame:
+    """One row per (run, condition, level): n, positives, threshold, every metric with its
+    interval (`<metric>_low`, `<metric>_high`), and where the threshold came from."""
+    calibration_ids, evaluation_ids = split_reports(truth, cfg.calibration_fraction, cfg.seed)
+    rows = []
+    for run in runs:
+        joined = join_truth(run.labels, truth)
+        if joined.empty:
+            raise CalibrationError(f"run {run.name!r} shares no (report, condition, level) with "
+                                   "the hand labels: check report ids and condition names")
+        for (condition, level), group in joined.groupby(["condition", "level"], sort=True):
+            threshold, source = _threshold(run, condition, level, group, calibration_ids)
+            if threshold is None:
+                continue
+            held_out = group[group["report_id"].isin(evaluation_ids)]
+            rows.append(_metrics_row(run.name, condition, level, held_out, threshold, source, cfg))
+    return pd.DataFrame(rows)
+
+
+def _threshold(run: Run, condition: str, level: str, group: pd.DataFrame,
+               calibration_ids: set) -> tuple[float | None, str]:
+    if run.calibration is not None:
+        entry = run.calibration.entry(condition, level or None)
+        if entry is None:
+            return None, "not in the stored calibration"
+        return entry.threshold, run.calibration.calibration_id
+    part = group[group["report_id"].isin(calibration_ids)]
+    if part["label"].nunique() < 2:
+        return None, "calibration part lacks a class"
+    return eer_threshold(part["label"].astype(int), part["score"])[0], \
+        f"EER on {len(part)} calibration reports"
+
+
+def _metrics_row(run: str, condition: str, level: str, rows: pd.DataFrame, threshold: float,
+                 source: str, cfg: EvaluationConfig) -> dict:
+    labels, scores = rows["label"].astype(int).to_numpy(), rows["score"].to_numpy()
+    point = binary_metrics(labels, scores, threshold)
+    if 0 < point["positives"] < point["n"]:
+        intervals = bootstrap_intervals(labels, scores, threshold, cfg.bootstrap, cfg.seed,
+                                        cfg.confidence)
+    else:
+        intervals = {m: (float("nan"), float("nan")) for m in METRICS}
+    row = {"run": run, "condition": condition, "level": level, **point,
+           "threshold_source": source}
+    for metric, (low, high) in intervals.items():
+        row[f"{metric}_low"], row[f"{metric}_high"] = low, high
+    return row
+
+
+def scored_rows(run: Run, truth: pd.DataFrame, evaluation_ids: set) -> pd.DataFrame:
+    """The evaluation part of a run joined with its hand labels (for plots)."""
+    joined = join_truth(run.labels, truth)
+    return joined[joined["report_id"].isin(evaluation_ids)]
+
