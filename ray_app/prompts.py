@@ -89,7 +89,7 @@ def template_from_dict(data: dict, where: str) -> PromptTemplate:
     for name, allowed in _PLACEHOLDERS.items():
         if name in data:
             _check_placeholders(str(data[name]), allowed, f"{where}, field {name!r}")
-    if "report" not in str(data.get("system", "{report}")):
+    if "{report}" not in str(data.get("system", "{report}")):
         raise PromptError(f"{where}: the system field must contain {{report}}")
     return PromptTemplate(**{k: str(v) for k, v in data.items()})
 
