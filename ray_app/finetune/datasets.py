@@ -94,8 +94,9 @@ def read_reports(uri: str, id_column: str, text_column: str, limit: int | None =
 
 def _usable_rows(reports: pd.DataFrame, report: BuildReport) -> Iterable[tuple[str, str]]:
     """(id, text) of rows with an id and a text; the rest counted in `report`."""
-    for report_id, text in zip(reports["report_id"], reports["text"]):
+    for raw_id, text in zip(reports["report_id"], reports["text"]):
         report.reports += 1
+        report_id = tables.clean_id(raw_id)
         if report_id is None:
             report.skip("missing id")
             continue

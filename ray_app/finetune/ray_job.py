@@ -184,7 +184,8 @@ def export_adapter(checkpoint, output: str, provenance: dict[str, Any]) -> str:
             shutil.rmtree(target)
         shutil.copytree(Path(folder) / ADAPTER_DIR, target)
     final = state["history"][-1] if state["history"] else {}
-    provenance = {**provenance, "steps": state["step"], "resumed_from": state["resumed_from"],
+    provenance = {**provenance, "steps": state["step"], "world_size": state["world_size"],
+                  "resumed_from": state["resumed_from"],
                   "eval_before": state["eval_before"], "eval_after": state["eval_after"],
                   "final_step": final,
                   "history": state["history"]}

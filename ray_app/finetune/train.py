@@ -146,6 +146,7 @@ class RunState:
     eval_after: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: list[int] = field(default_factory=list)
+    world_size: int = 1
 
 
 def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
@@ -167,6 +168,7 @@ def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
     evaluate = _Evaluator(cfg, heldout, tokenizer, peft_model, ctx)
     if state.eval_before is None and state.step == 0:
         state.eval_before = evaluate()
+    state.world_size = ctx.world_size
     schedule = make_schedule(len(train), cfg, ctx.rank, ctx.world_size)
     pad = pad_id(tokenizer)
     model.train()
@@ -180,10 +182,10 @@ def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
         if last:
             state.eval_after = evaluate()
             metrics.update(eval_before=state.eval_before, eval_after=state.eval_after)
+        # Ray Train's report() waits for its controller (~2 s on a small node), so metrics
+        # go to Ray with checkpoints only; every step is logged and kept in the history.
         if last or state.step % cfg.checkpoint_every == 0:
             _report_checkpoint(peft_model, optimizer, scheduler, state, metrics, ctx)
-        else:
-            ctx.report(metrics)
     return state
 
 

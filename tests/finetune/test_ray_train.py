@@ -1,0 +1,102 @@
+"""The fine-tuning job on Ray Train with a tiny random model: loss falls with one and with two
+data-parallel workers; the adapter loads in the transformers engine, changes the scores and
+leaves the base weights alone; the merged model scores as base + adapter does."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from ray_app import prompts
+from ray_app.conditions import condition_from_dict
+from ray_app.engines import EngineConfig, make_engine
+from ray_app.finetune.config import FinetuneConfig
+
+from synthetic import write_reports
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+HEART = condition_from_dict({"name": "cardiomegaly", "definition": "An enlarged heart."}, "t")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> Path:
+    return write_reports(tmp_path_factory.mktemp("reports"), 16)[0]
+
+
+def _digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, reports, tiny_model_dir, tmp_path_factory):
+    """Summary SFT with one and with two workers (fractional CPUs: two workers at 1 CPU each
+    on a 2-CPU node leave Ray nothing to schedule its own tasks on)."""
+    from ray_app.finetune.ray_job import run_finetune
+
+    before = _digest(tiny_model_dir)
+    out = {}
+    for workers in (1, 2):
+        cfg = FinetuneConfig(
+            mode="summary", train_input=str(reports), eval_input=str(reports),
+            output=str(tmp_path_factory.mktemp(f"run{workers}")), model=str(tiny_model_dir),
+            learning_rate=1e-2, epochs=2, batch_size=2, num_workers=workers,
+            cpus_per_worker=0.5, torch_threads=1, checkpoint_every=1000, merge=workers == 1)
+        out[workers] = (cfg, run_finetune(cfg))
+    assert _digest(tiny_model_dir) == before, "training wrote to the base model's files"
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_loss_falls(runs, workers):
+    cfg, provenance = runs[workers]
+    losses = [h["loss"] for h in provenance["history"]]
+    assert provenance["world_size"] == workers
+    assert provenance["steps"] == len(losses) == 16 // (2 * workers) * 2  # 16 examples, 2 epochs
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0]
+    assert provenance["eval_after"]["loss"] < 0.5 * provenance["eval_before"]["loss"]
+    assert all(h["tokens_per_s"] > 0 for h in provenance["history"])
+    assert provenance["data"]["train"]["examples"] == 16
+    adapter = Path(cfg.output) / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (16, 8)
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"}
+
+
+def _conversations() -> list[prompts.Conversation]:
+    reports = ["FINDINGS: The heart is enlarged.\nIMPRESSION: Cardiomegaly.",
+               "FINDINGS: Heart size is normal.\nIMPRESSION: No acute disease."]
+    return [prompts.direct_conversation(prompts.DEFAULT_TEMPLATE, HEART, r) for r in reports]
+
+
+def test_adapter_changes_scores_and_not_base_weights(runs, tiny_model_dir, tiny_engine):
+    from safetensors.torch import load_file
+
+    adapter = Path(runs[1][0].output) / "adapter"
+    assert all("lora_" in key for key in load_file(str(adapter / "adapter_model.safetensors")))
+    tuned = make_engine(EngineConfig(model=str(tiny_model_dir), adapter=str(adapter),
+                                     batch_size=4))
+    conversations = _conversations()
+    base_scores = tiny_engine.score(conversations)
+    tuned_scores = tuned.score(conversations)
+    assert max(abs(a - b) for a, b in zip(base_scores, tuned_scores)) > 0.01
+    with tuned.model.disable_adapter():  # the base weights under the adapter are untouched
+        assert tuned.score(conversations) == pytest.approx(base_scores, abs=1e-5)
+    provenance = json.loads((adapter / "training_provenance.json").read_text())
+    assert provenance["base_model"] == str(tiny_model_dir) and provenance["mode"] == "summary"
+
+    merged = make_engine(EngineConfig(model=str(Path(runs[1][0].output) / "merged"),
+                                      batch_size=4))
+    assert merged.score(conversations) == pytest.approx(tuned_scores, abs=1e-4)
