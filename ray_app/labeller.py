@@ -56,7 +56,11 @@ class Labeller:
         method: str = "direct",
         template: PromptTemplate = DEFAULT_TEMPLATE,
         calibration: Calibration | None = None,
+        calibrate_every_condition: bool = True,
     ):
+        """`calibrate_every_condition=False` lets conditions the calibration lacks through with
+        scores only (the endpoint refuses them per request instead); a calibration made for
+        another model, prompt or definition is refused either way."""
         if method not in prompts.METHODS:
             raise ValueError(f"method {method!r} is not one of {prompts.METHODS}")
         self.engine = engine
@@ -67,6 +71,8 @@ class Labeller:
         self.calibration = calibration
         if calibration is not None:
             for c in conditions:
+                if not calibrate_every_condition and c.name not in calibration.definition_hashes:
+                    continue
                 calibration.check_applies(
                     engine.model_id, self.prompt_hash, c.name, c.definition_hash()
                 )
