@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -194,12 +194,3 @@ def _require_both_classes(part: str, labels: np.ndarray) -> None:
     if len(set(np.asarray(labels).tolist())) < 2:
         raise ValueError(f"the {part} split has only one class ({len(labels)} examples); use more "
                          "studies, or change the split fractions or seed")
-
-
-def metrics_table(classifier: TrainedClassifier) -> list[dict]:
-    """Rows (split, n, positives, auroc, ...) for logs and reports."""
-    return [{"split": split, **values} for split, values in classifier.metrics.items()]
-
-
-def settings_dict(settings) -> dict:
-    return settings.to_dict() if hasattr(settings, "to_dict") else dict(asdict(settings))

@@ -39,7 +39,7 @@ class PhantomConfig:
     lesion_rate: float = field(default=0.45, metadata={"doc": "Chance of a vertebral lesion per study."})
     noise: float = field(default=0.05, metadata={"doc": "Noise SD, fraction of full scale."})
     location_jitter_px: float = field(default=1.5, metadata={"doc": "SD of disc-location error."})
-    junk_files: bool = field(default=True, metadata={"doc": "Add a non-DICOM, a truncated and a non-image file."})
+    clean: bool = field(default=False, metadata={"doc": "Leave out the non-DICOM, truncated and non-image files."})
     seed: int = field(default=0, metadata={"doc": "Random seed (same seed, same dataset)."})
 
     @property
@@ -61,7 +61,7 @@ def make_phantom_dataset(out: str | Path, cfg: PhantomConfig = PhantomConfig()) 
     out = Path(out)
     rng = np.random.default_rng(cfg.seed)
     studies = [_write_study(out / "dicom", i, cfg, rng) for i in range(cfg.studies)]
-    if cfg.junk_files:
+    if not cfg.clean:
         _write_junk(out / "dicom" / "misc", studies[0], rng)
     paths = {"dicom": out / "dicom", "reports": out / "reports.csv", "labels": out / "labels.csv",
              "locations": out / "disc_locations.csv", "images": out / "images.csv"}

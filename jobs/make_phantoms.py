@@ -1,0 +1,28 @@
+"""Write a synthetic DICOM spine dataset: sagittal T2/T1 and axial series with discs at known
+levels, stenosis and vertebral lesions at random, reports, truth labels, disc locations and a
+2D image list (the README's imaging example and the imaging tests use it).
+
+    python jobs/make_phantoms.py --output phantoms/ --studies 48
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ray_app.imaging.job_flags import config_from_args, parser_for
+from ray_app.imaging.phantoms import PhantomConfig, make_phantom_dataset
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = parser_for(PhantomConfig, __doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, help="folder to write the dataset into")
+    args = parser.parse_args(argv)
+    paths = make_phantom_dataset(args.output, config_from_args(PhantomConfig, args))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
