@@ -16,6 +16,8 @@ import argparse
 import logging
 import sys
 
+import pandas as pd
+
 from ray_app.calibration import DEFAULT_TARGET, build_calibration, describe
 from ray_app.report_tables import read_label_rows
 from ray_app.review import load_truth
@@ -25,8 +27,9 @@ log = logging.getLogger("calibrate")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--labels", required=True,
-                        help="output folder of jobs/label_reports.py (local or s3://)")
+    parser.add_argument("--labels", required=True, nargs="+",
+                        help="output folder(s) of jobs/label_reports.py (local or s3://), made "
+                             "with one model, method and prompt")
     parser.add_argument("--truth", required=True, nargs="+", help="hand-label CSV file(s)")
     parser.add_argument("--out", required=True, help="calibration JSON to write")
     parser.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET,
@@ -40,7 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    labels = read_label_rows(args.labels, args.s3_endpoint)
+    labels = pd.concat([read_label_rows(path, args.s3_endpoint) for path in args.labels],
+                       ignore_index=True)
     truth = load_truth(args.truth)
     calibration = build_calibration(labels, truth, args.target_sensitivity,
                                     args.target_specificity)
