@@ -203,7 +203,7 @@ def _optimizer_step(model, optimizer, scheduler, micro_batches: list[list[int]],
         with sync, _autocast(ctx.device):
             loss = model(**batch).loss / len(micro_batches)
             loss.backward()
-        loss_total += float(loss)
+        loss_total += float(loss.detach())
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

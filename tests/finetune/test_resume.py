@@ -1,0 +1,73 @@
+"""A fine-tuning job killed (SIGKILL, whole process group) after a checkpoint resumes from
+that checkpoint's step when rerun with the same config, and finishes the schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthetic import write_reports
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINT_EVERY, STEPS = 10, 30
+
+
+def _start(config: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "jobs/finetune.py", "--config", str(config)],
+                            cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [p for p in run.glob("step-*") if (p / "train_state.json").is_file()
+                and (p / "optimizer.pt").is_file()]
+        if done:
+            return min(done)
+        assert proc.poll() is None, "the job ended before writing a checkpoint"
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint under {run} within {timeout} s")
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    reports, _ = write_reports(tmp_path, 12)
+    output = tmp_path / "out"
+    config = tmp_path / "finetune.yaml"
+    config.write_text(yaml.safe_dump({
+        "mode": "summary", "train_input": str(reports), "output": str(output),
+        "model": str(tiny_model_dir), "learning_rate": 1e-3, "epochs": 5, "batch_size": 2,
+        "max_steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "keep_checkpoints": 5,
+        "cpus_per_worker": 0.5, "torch_threads": 1,
+    }))
+    first = _start(config, tmp_path / "first.log")
+    try:
+        checkpoint = _first_checkpoint(output / "ray_train" / "finetune", first, timeout=200)
+        os.killpg(first.pid, signal.SIGKILL)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    killed_at = json.loads((checkpoint / "train_state.json").read_text())["step"]
+    assert killed_at == CHECKPOINT_EVERY
+    assert not (output / "adapter").exists(), "the first run finished before it was killed"
+
+    second = _start(config, tmp_path / "second.log")
+    assert second.wait(timeout=240) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    provenance = json.loads((output / "adapter" / "training_provenance.json").read_text())
+    assert provenance["steps"] == STEPS
+    # The latest checkpoint written before the kill (normally step 10; 20 if the kill was late).
+    assert provenance["resumed_from"] in ([CHECKPOINT_EVERY], [2 * CHECKPOINT_EVERY])
+    steps = [h["step"] for h in provenance["history"]]
+    assert steps == list(range(1, STEPS + 1)), "steps lost or repeated across the resume"
