@@ -150,15 +150,22 @@ class EmbedActor:
         if not len(batch["level"]):
             return {"discs": np.array([0])}
         vectors = self.embedder.embed(batch["pixels"])
-        now, version = utc_now(), code_version()
-        table = pa.Table.from_pydict({
-            "study_uid": list(batch["study_uid"]), "series_uid": list(batch["series_uid"]),
-            "level": list(batch["level"]), "embedding": [v.tolist() for v in vectors],
-            "weights_id": [self.embedder.weights_id] * len(vectors),
-            "code_version": [version] * len(vectors), "embedded_at": [now] * len(vectors),
-        }, schema=EMBEDDING_SCHEMA)
-        tables.write_table_atomically(table, self.out.child("embeddings"))
+        rows = pd.DataFrame({"study_uid": batch["study_uid"], "series_uid": batch["series_uid"],
+                             "level": batch["level"], "embedding": list(vectors)})
+        tables.write_table_atomically(embedding_table(rows, self.embedder.weights_id),
+                                      self.out.child("embeddings"))
         return {"discs": np.array([len(vectors)])}
+
+
+def embedding_table(rows: pd.DataFrame, weights_id: str) -> pa.Table:
+    """Rows of study_uid, series_uid, level, embedding as a Parquet-ready table with provenance."""
+    n, now = len(rows), utc_now()
+    return pa.Table.from_pydict({
+        "study_uid": list(rows["study_uid"]), "series_uid": list(rows["series_uid"]),
+        "level": list(rows["level"]),
+        "embedding": [np.asarray(v, np.float32).tolist() for v in rows["embedding"]],
+        "weights_id": [weights_id] * n, "code_version": [code_version()] * n,
+        "embedded_at": [now] * n}, schema=EMBEDDING_SCHEMA)
 
 
 @dataclass

@@ -89,7 +89,7 @@ def study_labels(cfg: TrainClassifierConfig) -> pd.DataFrame:
 def disc_parts(embeddings: pd.DataFrame, labels: pd.DataFrame, split: SplitConfig):
     """{'train'|'validation'|'test': (features, labels)} of discs with a level label."""
     joined = embeddings.merge(labels[labels["level"] != ""], on=["study_uid", "level"])
-    _require_rows(joined, "disc (study_uid, level)")
+    _require_rows(len(joined), "disc (study_uid, level)")
     any_positive = joined.groupby("study_uid")["label"].max().to_dict()
     studies = split_studies(any_positive, split)
     return {part: (_stack(joined[joined["study_uid"].isin(ids)]),
@@ -101,7 +101,7 @@ def scan_parts(embeddings: pd.DataFrame, labels: pd.DataFrame, split: SplitConfi
     """{'train'|'validation'|'test': (bags, labels)}: each bag is a scan's disc embeddings."""
     scan = labels[labels["level"] == ""].set_index("study_uid")["label"]
     bags = {s: _stack(g.sort_values("level")) for s, g in embeddings.groupby("study_uid") if s in scan}
-    _require_rows(pd.DataFrame(index=list(bags)), "scan (study_uid)")
+    _require_rows(len(bags), "scan (study_uid)")
     studies = split_studies({s: int(scan[s]) for s in bags}, split)
     return {part: ([bags[s] for s in ids], np.array([scan[s] for s in ids], dtype=int))
             for part, ids in studies.items()}
@@ -111,8 +111,8 @@ def _stack(frame: pd.DataFrame) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float32) for v in frame["embedding"]])
 
 
-def _require_rows(frame: pd.DataFrame, what: str) -> None:
-    if frame.empty:
+def _require_rows(count: int, what: str) -> None:
+    if not count:
         raise ValueError(f"no {what} is both embedded and labelled; check that the labels' studies "
                          "(via --reports) and levels match the embeddings")
 

@@ -82,7 +82,7 @@ def random_anatomy(rng: np.random.Generator, fov_mm: float, stenosis_rate: float
     weights = np.array([0.5, 0.7, 1.0, 1.5, 1.3])
     stenosis = {lvl: float(rng.uniform(0.55, 1.0)) for lvl, w in zip(LEVELS, weights)
                 if rng.random() < min(0.95, stenosis_rate * w)}
-    stenosis.update({lvl: float(rng.uniform(0.0, 0.3)) for lvl in LEVELS if lvl not in stenosis})
+    stenosis.update({lvl: float(rng.uniform(0.0, 0.45)) for lvl in LEVELS if lvl not in stenosis})
     lesion = str(rng.choice(BODIES[:5])) if rng.random() < lesion_rate else None
     return SpineAnatomy(
         top_mm=float(rng.uniform(0.08, 0.92) * (fov_mm - length)),

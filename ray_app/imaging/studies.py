@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
+import numpy as np
 import pandas as pd
 
 from ray_app.imaging.dicom_series import (SelectionRule, Series, choose_per_study, group_series,
                                           load_volume)
 from ray_app.imaging.dicom_store import DicomStore, FileError, SliceHeader, scan_headers
 from ray_app.imaging.disc_volumes import DiscVolume, disc_volumes
+from ray_app.imaging.embeddings import DiscEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +72,24 @@ def study_disc_volumes(store: DicomStore, study_series: list[Series], locations:
     errors += [FileError(f"study {study_uid}", f"disc {p}", study_uid, series.series_uid)
                for p in problems]
     return discs, errors
+
+
+def embed_studies(store: DicomStore, locations: pd.DataFrame, embedder: DiscEmbedder,
+                  rule: SelectionRule, crop_shape: tuple[int, int, int],
+                  target_spacing_mm: float | None) -> tuple[pd.DataFrame, list[FileError]]:
+    """In one process, what the embedding job does on Ray: rows of study_uid, series_uid,
+    level, embedding for every located disc, and the problems met."""
+    grouped, errors = find_studies(store)
+    rows = []
+    for study_uid, study_locations in locations.groupby("study_uid"):
+        if study_uid not in grouped:
+            errors.append(FileError(f"study {study_uid}", "no readable images", study_uid, None))
+            continue
+        discs, more = study_disc_volumes(store, grouped[study_uid], study_locations, rule,
+                                         crop_shape, target_spacing_mm)
+        errors += more
+        if discs:
+            vectors = embedder.embed(np.stack([d.pixels for d in discs]))
+            rows += [{"study_uid": d.study_uid, "series_uid": d.series_uid, "level": d.level,
+                      "embedding": v} for d, v in zip(discs, vectors)]
+    return pd.DataFrame(rows, columns=["study_uid", "series_uid", "level", "embedding"]), errors
