@@ -139,6 +139,25 @@ class MriDeployment:
                                 for c in self.classifiers]}
 
 
+def parse_locations(text: str) -> list[dict]:
+    """Disc locations as a JSON list of records or CSV text (either layout of disc_volumes)."""
+    import io
+    import json
+
+    import pandas as pd
+
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = pd.read_csv(io.StringIO(text)).to_dict("records")
+    except (ValueError, pd.errors.ParserError) as err:
+        raise RequestRejected(400, f"locations: neither a JSON list nor CSV ({err})")
+    if not records or not all(isinstance(r, dict) for r in records):
+        raise RequestRejected(400, "locations: expected a non-empty list of disc records")
+    return records
+
+
 @api.exception_handler(RequestRejected)
 async def _rejected(_request: Request, err: RequestRejected) -> JSONResponse:
     return JSONResponse(status_code=err.status, content={"detail": err.message})
@@ -217,8 +236,9 @@ class Gateway:
         await self._guard(request, authorization, self.args.max_upload_bytes)
         if self.mri is None:
             raise RequestRejected(404, "no MRI classifiers are served (mri_classifiers is empty)")
+        records = parse_locations(locations)
         study = await self._study(files, uri)
-        result = await self._call(self.mri, "predict", study, parse_locations(locations))
+        result = await self._call(self.mri, "predict", study, records)
         if "rejected" in result:
             raise RequestRejected(400, result["rejected"])
         return result
@@ -265,25 +285,6 @@ class Gateway:
             return JSONResponse(status_code=503, content={"status": "not ready",
                                                           "detail": str(err) or "timeout"})
         return JSONResponse(content={"status": "ready"})
-
-
-def parse_locations(text: str) -> list[dict]:
-    """Disc locations as a JSON list of records or CSV text (either layout of disc_volumes)."""
-    import io
-    import json
-
-    import pandas as pd
-
-    try:
-        if text.lstrip().startswith("["):
-            records = json.loads(text)
-        else:
-            records = pd.read_csv(io.StringIO(text)).to_dict("records")
-    except (ValueError, pd.errors.ParserError) as err:
-        raise RequestRejected(400, f"locations: neither a JSON list nor CSV ({err})")
-    if not records or not all(isinstance(r, dict) for r in records):
-        raise RequestRejected(400, "locations: expected a non-empty list of disc records")
-    return records
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
