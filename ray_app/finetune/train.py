@@ -158,13 +158,7 @@ def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
     state, optimizer_state = _resume(model, ctx)
     peft_model = model
     model = ctx.wrap(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        scheduler.load_state_dict(optimizer_state["scheduler"])
+    optimizer, scheduler = _optimizer(model, cfg, optimizer_state)
     evaluate = _Evaluator(cfg, heldout, tokenizer, peft_model, ctx)
     if state.eval_before is None and state.step == 0:
         state.eval_before = evaluate()
@@ -187,6 +181,19 @@ def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
         if last or state.step % cfg.checkpoint_every == 0:
             _report_checkpoint(peft_model, optimizer, scheduler, state, metrics, ctx)
     return state
+
+
+def _optimizer(model: Any, cfg: FinetuneConfig, saved: dict | None):
+    """AdamW on the trainable (LoRA) parameters, linear warm-up then constant; restored from
+    a checkpoint's state when resuming."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    return optimizer, scheduler
 
 
 def _optimizer_step(model, optimizer, scheduler, micro_batches: list[list[int]],
