@@ -34,7 +34,10 @@ def build_config(argv: list[str]) -> FinetuneConfig:
         if not sep:
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
         data[name] = yaml.safe_load(value)
-    return FinetuneConfig.from_dict(data)
+    try:
+        return FinetuneConfig.from_dict(data)
+    except (TypeError, ValueError) as err:  # missing or unknown fields, bad values
+        raise SystemExit(f"{args.config}: {err}") from err
 
 
 def main(argv: list[str]) -> None:
