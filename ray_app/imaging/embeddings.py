@@ -66,7 +66,10 @@ def load_encoder(weights: str | None = None, allow_random: bool = False,
         torch.manual_seed(seed)
         model = resnet18(weights=None)
     if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:  # noqa: BLE001 - torch raises unpickling, size and key errors
+            raise WeightsError(f"{path} is not a ResNet18 state dict: {str(err)[:300]}") from err
         weights_id = f"{path.name}#sha256:{_sha256(path)[:16]}"
     elif weights:
         raise WeightsError(f"weights file {weights} does not exist")
