@@ -7,7 +7,6 @@ no finished row and duplicates none. Bad rows go to an errors table and never st
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -137,12 +136,7 @@ def _manifest(cfg: LabelJobConfig, conditions: list[Condition],
 def check_resume(out: tables.TableLocation, manifest: dict[str, Any]) -> None:
     """Refuse to mix labels from another model/prompt/definition into an existing output;
     adding conditions to an existing output is fine."""
-    path = out.child("manifest.json").path
-    try:
-        with out.fs.open_input_stream(path) as f:
-            previous = json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        previous = None
+    previous = tables.read_manifest(out)
     if previous:
         changed = [k for k in ("model", "method", "prompt_hash", "calibration_id")
                    if previous.get(k) != manifest[k]]
@@ -154,9 +148,7 @@ def check_resume(out: tables.TableLocation, manifest: dict[str, Any]) -> None:
                 "write to a new --output folder (or delete the old one) to relabel"
             )
         manifest = {**manifest, "conditions": {**previous["conditions"], **manifest["conditions"]}}
-    out.fs.create_dir(out.path, recursive=True)
-    with out.fs.open_output_stream(path) as f:
-        f.write(json.dumps({**manifest, "updated_at": utc_now()}, indent=2).encode())
+    tables.write_manifest(out, manifest)
 
 
 def finished_keys(out: tables.TableLocation) -> tuple[set[tuple[str, str]], set[str]]:

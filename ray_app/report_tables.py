@@ -21,6 +21,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ray_app.provenance import utc_now
+
 log = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json"}
@@ -239,6 +241,22 @@ def write_table_atomically(table: pa.Table, loc: TableLocation, prefix: str = "p
     else:
         pq.write_table(table, final, filesystem=loc.fs)
     return final
+
+
+def read_manifest(out: TableLocation) -> dict | None:
+    """The manifest.json a job left in its output folder, or None for a new folder."""
+    try:
+        with out.fs.open_input_stream(out.child("manifest.json").path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_manifest(out: TableLocation, manifest: dict) -> None:
+    """Record what an output folder's rows were made with, stamped with the time."""
+    out.fs.create_dir(out.path, recursive=True)
+    with out.fs.open_output_stream(out.child("manifest.json").path) as f:
+        f.write(json.dumps({**manifest, "updated_at": utc_now()}, indent=2).encode())
 
 
 def read_finished(loc: TableLocation, columns: list[str]) -> pd.DataFrame:

@@ -67,19 +67,11 @@ def job_settings(cfg: EmbedJobConfig) -> EmbeddingSettings:
 
 def check_manifest(out: tables.TableLocation, settings: EmbeddingSettings) -> None:
     """Refuse to mix embeddings made another way into an existing output."""
-    path = out.child("manifest.json").path
-    try:
-        with out.fs.open_input_stream(path) as f:
-            previous = json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        previous = None
+    previous = tables.read_manifest(out)
     if previous and previous["embedding_settings"] != settings.to_dict():
         raise ValueError(f"{out.uri} holds embeddings made with {previous['embedding_settings']}; "
                          "write to a new --output folder for other settings or weights")
-    out.fs.create_dir(out.path, recursive=True)
-    with out.fs.open_output_stream(path) as f:
-        f.write(json.dumps({"embedding_settings": settings.to_dict(), "updated_at": utc_now()},
-                           indent=2).encode())
+    tables.write_manifest(out, {"embedding_settings": settings.to_dict()})
 
 
 def _store(cfg: EmbedJobConfig, names: list[str]) -> DicomStore:

@@ -3,11 +3,10 @@ wrapper of tests/test_s3.py): same studies, volumes and errors as from the local
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
-from test_s3 import BUCKET, CREDENTIALS, _client, _moto_server
+from test_s3 import BUCKET, _client, s3_endpoint  # noqa: F401  (s3_endpoint: moto fixture)
 
 from ray_app.imaging.dicom_series import SelectionRule
 from ray_app.imaging.dicom_store import DicomStore
@@ -15,26 +14,9 @@ from ray_app.imaging.disc_volumes import read_locations
 from ray_app.imaging.studies import find_studies, study_disc_volumes
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    server = _moto_server()
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    _client(url).create_bucket(Bucket=BUCKET)
-    yield url
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 @pytest.mark.timeout(120)
-def test_s3_prefix_reads_like_the_local_folder(few_phantoms, endpoint):
+def test_s3_prefix_reads_like_the_local_folder(few_phantoms, s3_endpoint):
+    endpoint = s3_endpoint
     client = _client(endpoint)
     root = few_phantoms["dicom"]
     for path in root.rglob("*"):
