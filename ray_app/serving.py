@@ -119,10 +119,10 @@ class MriDeployment:
 
     def __init__(self, args: AppArgs):
         from ray_app.imaging.classifiers import TrainedClassifier
-        from ray_app.imaging.predict import embedder_for, _common_settings
+        from ray_app.imaging.predict import common_settings, embedder_for
 
         self.classifiers = [TrainedClassifier.load(path) for path in args.mri_classifiers]
-        self.embedder = embedder_for(_common_settings(self.classifiers), args.mri_weights)
+        self.embedder = embedder_for(common_settings(self.classifiers), args.mri_weights)
 
     def predict(self, study: Any, locations: list[dict]) -> dict:
         import pandas as pd

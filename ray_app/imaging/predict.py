@@ -51,7 +51,7 @@ def predict_study(study: str | Path | Sequence[str | bytes], locations: pd.DataF
     is scored. Every classifier must share one set of embedding settings."""
     if not classifiers:
         raise PredictionError("no classifier given")
-    settings = _common_settings(classifiers)
+    settings = common_settings(classifiers)
     store = DicomStore.from_uri(str(study)) if isinstance(study, (str, Path)) else DicomStore.from_items(study)
     grouped, errors = find_studies(store)
     if len(grouped) != 1:
@@ -76,7 +76,7 @@ def predict_study(study: str | Path | Sequence[str | bytes], locations: pd.DataF
             "errors": [{"name": e.name, "reason": e.reason} for e in errors]}
 
 
-def _common_settings(classifiers: Sequence[TrainedClassifier]) -> EmbeddingSettings:
+def common_settings(classifiers: Sequence[TrainedClassifier]) -> EmbeddingSettings:
     settings = {EmbeddingSettings.from_dict(c.embedding_settings) for c in classifiers}
     if len(settings) != 1:
         raise PredictionError("the classifiers were trained on differently made embeddings "
