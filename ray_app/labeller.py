@@ -80,10 +80,11 @@ class Labeller:
     def label(self, tasks: Sequence[ReportTask]) -> list[dict[str, Any]]:
         items = [self._prepare(t.report_id, t.text, self.conditions[name])
                  for t in tasks for name in (t.conditions or tuple(self.conditions))]
-        if self.method == "summary":
-            self._add_summaries(items)
         questions = [(item, level) for item in items for level in prompts.question_levels(item.condition)]
-        scores = self.engine.score([self._question(item, level) for item, level in questions])
+        if self.method == "summary":
+            scores = self._summarise_and_score(items)
+        else:
+            scores = self.engine.score([self._question(item, level) for item, level in questions])
         stamp = utc_now()
         return [self._row(item, level, score, stamp) for (item, level), score in zip(questions, scores)]
 
@@ -103,11 +104,18 @@ class Labeller:
         tokens = self.engine.count_tokens(self._question(item, longest_level))
         return tokens + reserve <= self.engine.config.max_context_tokens
 
-    def _add_summaries(self, items: list[_Item]) -> None:
+    def _summarise_and_score(self, items: list[_Item]) -> list[float]:
+        """Each item's summary, then its questions asked after it; scores in question order."""
         requests = [prompts.summary_request_conversation(self.template, i.condition, i.report)
                     for i in items]
-        for item, generation in zip(items, self.engine.generate(requests)):
-            item.summary = generation.text
+
+        def follow_ups(index: int, summary: str) -> list[Conversation]:
+            item = items[index]
+            item.summary = summary
+            return [self._question(item, level) for level in prompts.question_levels(item.condition)]
+
+        _, scores = self.engine.generate_then_score(requests, follow_ups)
+        return [score for item_scores in scores for score in item_scores]
 
     def _question(self, item: _Item, level: str | None) -> Conversation:
         if self.method == "summary":

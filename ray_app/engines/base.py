@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ray_app.prompts import Conversation
 from ray_app.scoring import AnswerTokens, answer_tokens
@@ -66,6 +66,19 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine setting(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+# follow_ups(index of the request, its completion) -> the conversations to score after it
+FollowUps = Callable[[int, str], Sequence[Conversation]]
+
+
+def split_by_lengths(flat: Sequence[float], lengths: Sequence[int]) -> list[list[float]]:
+    """[a, b, c, d], [1, 3] -> [[a], [b, c, d]]"""
+    out, start = [], 0
+    for n in lengths:
+        out.append(list(flat[start : start + n]))
+        start += n
+    return out
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,21 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, conversations: Sequence[Conversation]) -> list[Generation]:
         """Greedy completion of each conversation (summaries)."""
+
+    def generate_then_score(
+        self, requests: Sequence[Conversation], follow_ups: FollowUps
+    ) -> tuple[list[Generation], list[list[float]]]:
+        """Summary-then-query in one call: complete each request, then score the conversations
+        that `follow_ups(i, completion)` builds from request i's completion.
+
+        This default runs `generate` then `score`. The transformers engine overrides it to score
+        the follow-ups on the KV cache its generation left behind; vLLM's prefix caching gets
+        the same reuse from this default.
+        """
+        generations = self.generate(requests)
+        questions = [list(follow_ups(i, g.text)) for i, g in enumerate(generations)]
+        flat = self.score([q for group in questions for q in group])
+        return generations, split_by_lengths(flat, [len(group) for group in questions])
 
     def close(self) -> None:
         """Release the model (GPU memory, worker processes)."""

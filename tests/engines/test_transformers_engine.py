@@ -103,3 +103,86 @@ def test_unknown_engine_and_model_errors(tiny_model_dir):
         make_engine(EngineConfig(engine="nope", model=str(tiny_model_dir)))
     with pytest.raises(FileNotFoundError, match="pip-installed models"):
         make_engine(EngineConfig(model="/no/such/model"))
+
+
+def _summary_follow_ups(condition, report, rewrite=lambda text: text):
+    def follow_ups(index, summary):
+        summary = rewrite(summary)
+        return [prompts.summary_question_conversation(prompts.DEFAULT_TEMPLATE, condition,
+                                                      report[index], summary, level)
+                for level in prompts.question_levels(condition)]
+    return follow_ups
+
+
+def _force_round_trip_summaries(engine) -> list[int]:
+    """The tiny model's own summaries are byte fragments that re-tokenise differently, so no
+    summary token could come from the cache: make generation write "NormalNormal..." (tokens
+    that re-tokenise the same), leave scoring alone, and record how many tokens of each scored
+    row the cache supplied."""
+    normal, mal = engine.tokenizer.encode("Normal", add_special_tokens=False)
+    forcing, reused = [True], []
+
+    def force(module, args, kwargs, output):
+        if forcing[0]:
+            last = kwargs["input_ids"][:, -1]
+            output.logits[torch.arange(len(last)), -1, torch.where(last == normal, mal, normal)] += 1e4
+
+    engine.model.register_forward_hook(force, with_kwargs=True)
+    score_rows = engine._score_rows_on_cache
+
+    def unforced(batch, rows):
+        forcing[0] = False
+        reused.extend(n for _, _, n in rows)
+        try:
+            return score_rows(batch, rows)
+        finally:
+            forcing[0] = True
+
+    engine._score_rows_on_cache = unforced
+    return reused
+
+
+@pytest.mark.parametrize("rewrite", [
+    lambda text: text,                  # the follow-up re-uses the whole generated summary
+    lambda text: "Edited. " + text,     # it diverges at the summary's first token
+    lambda text: text[: len(text) // 2],  # it shares only part of the summary
+])
+def test_generate_then_score_on_cache_equals_fresh_encoding(tiny_model_dir, rewrite):
+    """Scoring the follow-ups on generation's KV cache gives a fresh encoding's scores, however
+    much of the generated summary the follow-up conversation actually shares."""
+    engine = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=4, max_new_tokens=12))
+    reused = _force_round_trip_summaries(engine)
+    stenosis = load_condition("spinal_canal_stenosis")
+    requests = [prompts.summary_request_conversation(prompts.DEFAULT_TEMPLATE, stenosis, r)
+                for r in REPORTS]
+    follow_ups = _summary_follow_ups(stenosis, REPORTS, rewrite)
+    generations, scores = engine.generate_then_score(requests, follow_ups)
+    prompt_lengths = [engine.count_tokens(r) for r in requests]
+    if rewrite("x") == "x":  # the whole summary came from the cache
+        assert min(reused) >= min(prompt_lengths) + 10
+    else:  # only the prompt did
+        assert max(reused) < max(prompt_lengths) + 8
+    assert [g.text for g in generations] == [g.text for g in engine.generate(requests)]
+    assert all(g.text.startswith("NormalNormal") for g in generations)
+    fresh = [follow_ups(i, g.text) for i, g in enumerate(generations)]
+    expected = hand_scores(engine, [c for group in fresh for c in group])
+    got = [s for group in scores for s in group]
+    assert [len(g) for g in scores] == [6, 6, 6]
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
+    assert len({round(s, 4) for s in got}) > 3
+
+
+def test_generate_then_score_default_matches_override(tiny_model_dir):
+    """The base class's generate-then-score (what vLLM and custom engines get) and the cache
+    path agree: the override is an optimisation, not a different method."""
+    from ray_app.engines.base import Engine
+
+    engine = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=2, max_new_tokens=12))
+    cancer = load_condition("spinal_cancer")
+    requests = [prompts.summary_request_conversation(prompts.DEFAULT_TEMPLATE, cancer, r)
+                for r in REPORTS]
+    follow_ups = _summary_follow_ups(cancer, REPORTS)
+    gens_a, scores_a = engine.generate_then_score(requests, follow_ups)
+    gens_b, scores_b = Engine.generate_then_score(engine, requests, follow_ups)
+    assert [g.text for g in gens_a] == [g.text for g in gens_b]
+    assert max(abs(a[0] - b[0]) for a, b in zip(scores_a, scores_b)) < 1e-5
