@@ -19,8 +19,8 @@ import yaml
 from ray_app.engines import EngineConfig
 from ray_app.label_job import LabelJobConfig, run_label_job
 
-_ENGINE_FLAGS = ("engine", "model", "dtype", "device", "batch_size", "max_context_tokens",
-                 "max_new_tokens", "repetition_penalty", "cpu_threads", "adapter",
+_ENGINE_FLAGS = ("engine", "model", "dtype", "device", "batch_size", "generate_batch_size",
+                 "max_context_tokens", "max_new_tokens", "repetition_penalty", "cpu_threads", "adapter",
                  "tensor_parallel_size")
 
 

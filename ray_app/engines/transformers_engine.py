@@ -109,10 +109,10 @@ class TransformersEngine(Engine):
             self._score_shared(chunk, encoded, scores)
         return scores
 
-    def _length_batches(self, indices: list[int], encoded: list[list[int]]):
+    def _length_batches(self, indices: list[int], encoded: list[list[int]], size: int | None = None):
         """Batches of similar length, so little compute goes to padding."""
         order = sorted(indices, key=lambda i: len(encoded[i]))
-        size = self.config.batch_size
+        size = size or self.config.batch_size
         return [order[s : s + size] for s in range(0, len(order), size)]
 
     def _score_padded(self, indices: list[int], encoded: list[list[int]], out: list[float]):
@@ -156,7 +156,8 @@ class TransformersEngine(Engine):
     def generate(self, conversations: Sequence[Conversation]) -> list[Generation]:
         encoded = [self.formatter.token_ids(c) for c in conversations]
         results: list[Generation | None] = [None] * len(conversations)
-        for indices in self._length_batches(list(range(len(encoded))), encoded):
+        for indices in self._length_batches(list(range(len(encoded))), encoded,
+                                            self.config.generate_batch_size):
             batch = self._generate_batch([encoded[i] for i in indices])
             for i, generation in zip(indices, batch.generations):
                 results[i] = generation
@@ -173,7 +174,8 @@ class TransformersEngine(Engine):
         encoded = [self.formatter.token_ids(c) for c in requests]
         generations: list[Generation | None] = [None] * len(requests)
         scores: list[list[float]] = [[] for _ in requests]
-        for indices in self._length_batches(list(range(len(encoded))), encoded):
+        for indices in self._length_batches(list(range(len(encoded))), encoded,
+                                            self.config.generate_batch_size):
             batch = self._generate_batch([encoded[i] for i in indices])
             questions = [[self.formatter.token_ids(q) for q in follow_ups(i, g.text)]
                          for i, g in zip(indices, batch.generations)]
