@@ -35,7 +35,8 @@ def image_table(cfg: CNNConfig) -> pd.DataFrame:
     missing = {"image", "label"} - set(frame.columns)
     if missing:
         raise ValueError(f"{cfg.images} lacks column(s) {sorted(missing)}: it needs image and label")
-    frame = frame.assign(image=[image_path(path.parent, v) for v in frame["image"]],
+    # Absolute: Ray Train workers run in another working directory.
+    frame = frame.assign(image=[image_path(path.resolve().parent, v) for v in frame["image"]],
                          label=frame["label"].astype(int))
     groups = frame["study_uid"] if "study_uid" in frame else frame["image"]
     by_group = frame.assign(group=groups).groupby("group")["label"].max().to_dict()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def make_phantom_dataset(out: str | Path, cfg: PhantomConfig = PhantomConfig()) 
     pd.DataFrame([r for s in studies for r in _label_rows(s)]).to_csv(paths["labels"], index=False)
     locations = [r for s in studies for r in _location_rows(s, cfg, rng)]
     pd.DataFrame(locations).to_csv(paths["locations"], index=False)
-    pd.DataFrame([{"image": s.mid_slice_file, "study_uid": s.study_uid,
+    # Relative to the list's own folder, as image lists are read, whatever `out` was.
+    pd.DataFrame([{"image": os.path.relpath(s.mid_slice_file, out), "study_uid": s.study_uid,
                    "label": int(s.anatomy.lesion_body is not None)} for s in studies]
                  ).to_csv(paths["images"], index=False)
     log.info("%d phantom studies written to %s", len(studies), out)

@@ -3,6 +3,8 @@ the Ray Train run with checkpoints and resumption."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,7 +27,8 @@ def test_undersampling_keeps_every_positive_and_draws_fresh_negatives():
 
 def test_dicom_and_png_are_read_by_content(phantoms, tmp_path):
     row = pd.read_csv(phantoms["images"]).iloc[0]
-    dicom = read_image(row["image"])
+    assert not Path(row["image"]).is_absolute()  # relative to the list, wherever it was written
+    dicom = read_image(str(phantoms["images"].parent / row["image"]))
     assert dicom.shape == (96, 96) and dicom.dtype == np.float32 and dicom.max() > 500  # rescaled
     png = tmp_path / "x.dcm"  # a misleading name: the content decides
     Image.fromarray(np.arange(64 * 32, dtype=np.uint8).reshape(64, 32) % 251).save(png, format="PNG")
@@ -106,3 +109,14 @@ def test_ray_train_checkpoints_every_epoch_and_resumes(phantoms, tmp_path):
         assert resumed[:2] == first  # epochs 0-1 came from the checkpoint, not a retraining
     finally:
         ray.shutdown()
+
+
+def test_image_list_given_relative_to_the_working_directory(phantoms, monkeypatch):
+    """`--images phantoms/images.csv` from the folder above: every image resolves to an existing
+    absolute path, since Ray Train workers run in another working directory."""
+    from ray_app.imaging.cnn_train_job import image_table
+
+    monkeypatch.chdir(phantoms["images"].parent.parent)
+    relative = Path(phantoms["images"].parent.name) / phantoms["images"].name
+    table = image_table(CNNConfig(images=str(relative), output="unused"))
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in table["image"])
