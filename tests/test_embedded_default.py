@@ -35,3 +35,20 @@ def test_embedded_default_labels_calibrates_and_prints(local_ray, tiny_model_dir
     assert len(table) == 9 * len(label_ids)
     assert table["predicted"].notna().any()
     assert "Calibrated labels vs known answers" in printed and "spinal_cancer" in printed
+
+
+def test_bf16_only_where_the_cpu_has_it(tmp_path):
+    """bf16 is emulated (several times slower than fp32) on a CPU without bf16 instructions."""
+    import torch
+
+    from ray_app.embedded_default import native_bf16
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU always takes bf16")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("flags\t\t: fpu sse2 avx avx2 fma\n" * 2)
+    sapphire = tmp_path / "amx"
+    sapphire.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert not native_bf16(str(avx2))
+    assert native_bf16(str(sapphire))
+    assert not native_bf16(str(tmp_path / "missing"))
