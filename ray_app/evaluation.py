@@ -58,11 +58,23 @@ def evaluate_runs(runs: list[Run], truth: pd.DataFrame, cfg: EvaluationConfig) -
                                    "the hand labels: check report ids and condition names")
         for (condition, level), group in joined.groupby(["condition", "level"], sort=True):
             threshold, source = _threshold(run, condition, level, group, calibration_ids)
-            if threshold is None:
-                continue
             held_out = group[group["report_id"].isin(evaluation_ids)]
+            if threshold is None:  # listed with the reason, not silently left out
+                rows.append(_unevaluated_row(run.name, condition, level, held_out, source))
+                continue
             rows.append(_metrics_row(run.name, condition, level, held_out, threshold, source, cfg))
     return pd.DataFrame(rows)
+
+
+def _unevaluated_row(run: str, condition: str, level: str, rows: pd.DataFrame,
+                     reason: str) -> dict:
+    nan = float("nan")
+    row = {"run": run, "condition": condition, "level": level, "n": len(rows),
+           "positives": int(rows["label"].astype(int).sum()), "threshold": nan,
+           "threshold_source": f"not evaluated: {reason}"}
+    for metric in METRICS:
+        row[metric] = row[f"{metric}_low"] = row[f"{metric}_high"] = nan
+    return row
 
 
 def _threshold(run: Run, condition: str, level: str, group: pd.DataFrame,
@@ -74,7 +86,10 @@ def _threshold(run: Run, condition: str, level: str, group: pd.DataFrame,
         return entry.threshold, run.calibration.calibration_id
     part = group[group["report_id"].isin(calibration_ids)]
     if part["label"].nunique() < 2:
-        return None, "calibration part lacks a class"
+        counts = part["label"].astype(int).value_counts().to_dict()
+        return None, (f"the calibration part ({len(part)} reports) has {counts.get(1, 0)} "
+                      f"positives and {counts.get(0, 0)} negatives, so no EER threshold: label "
+                      "more reports, raise --calibration-fraction or give --calibration")
     return eer_threshold(part["label"].astype(int), part["score"])[0], \
         f"EER on {len(part)} calibration reports"
 

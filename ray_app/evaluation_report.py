@@ -48,8 +48,10 @@ def group_table(rows: pd.DataFrame) -> list[str]:
     lines = [f"| run | n | pos | {header} | threshold |", "|---|---|---|" + "---|" * 7]
     for _, r in rows.iterrows():
         cells = " | ".join(cell(r, m) for m, _ in TABLE_METRICS)
-        lines.append(f"| {r['run']} | {r['n']} | {r['positives']} | {cells} | "
-                     f"{r['threshold']:.6g} |")
+        threshold = "n/a" if math.isnan(r["threshold"]) else f"{r['threshold']:.6g}"
+        lines.append(f"| {r['run']} | {r['n']} | {r['positives']} | {cells} | {threshold} |")
+    lines += [f"\n- {r['run']}: {r['threshold_source']}" for _, r in rows.iterrows()
+              if math.isnan(r["threshold"])]
     return lines
 
 
@@ -88,7 +90,9 @@ def plot_group(condition: str, level: str, rows: pd.DataFrame, scored: dict[str,
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{condition}_{level}" if level else condition
     data = {r["run"]: (_group_rows(scored[r["run"]], condition, level), r["threshold"])
-            for _, r in rows.iterrows()}
+            for _, r in rows.iterrows() if not math.isnan(r["threshold"])}
+    if not data:
+        return {}
     paths = {"ROC": folder / f"{stem}_roc.png", "score histograms": folder / f"{stem}_hist.png",
              "reliability": folder / f"{stem}_reliability.png"}
     _roc_plot(data, group_title(condition, level), paths["ROC"])

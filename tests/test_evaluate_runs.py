@@ -63,9 +63,36 @@ def test_stored_calibration_supplies_the_threshold():
                               (ThresholdEntry("fracture", None, 0.75, 60, 20, 0.9, 0.1),))
     run = Run("stored", run_rows(truth, 0.6, 1), calibration)
     metrics = evaluate_runs([run], truth, EvaluationConfig(bootstrap=50))
-    assert list(metrics["condition"]) == ["fracture"]  # pneumothorax is not calibrated
-    assert metrics["threshold"][0] == 0.75
-    assert metrics["threshold_source"][0] == calibration.calibration_id
+    by = metrics.set_index("condition")
+    assert by.loc["fracture", "threshold"] == 0.75
+    assert by.loc["fracture", "threshold_source"] == calibration.calibration_id
+    # pneumothorax is not calibrated: listed with the reason, not left out
+    assert np.isnan(by.loc["pneumothorax", "threshold"]) and np.isnan(by.loc["pneumothorax", "auroc"])
+    assert by.loc["pneumothorax", "threshold_source"] == "not evaluated: not in the stored calibration"
+
+
+def test_a_calibration_part_without_positives_is_reported_with_the_reason(tmp_path):
+    """A rare finding whose positives all fall in the evaluation part gets no threshold: the
+    report says so instead of dropping the finding."""
+    truth = truth_table()
+    calibration_ids, _ = split_reports(truth, 0.3, seed=0)
+    rare = (truth["condition"] == "fracture") & truth["report_id"].isin(calibration_ids)
+    truth.loc[rare, "label"] = 0
+    run = Run("good", run_rows(truth, 0.6, 1))
+    metrics = evaluate_runs([run], truth, EvaluationConfig(bootstrap=50))
+    fracture = metrics.set_index("condition").loc["fracture"]
+    assert np.isnan(fracture["threshold"]) and fracture["positives"] > 0
+    assert "0 positives" in fracture["threshold_source"]
+    assert "--calibration-fraction" in fracture["threshold_source"]
+    from ray_app.evaluation import scored_rows
+    from ray_app.evaluation_report import write_report
+
+    _, evaluation_ids = split_reports(truth, 0.3, seed=0)
+    scored = {"good": scored_rows(run, truth, evaluation_ids)}
+    report = write_report(metrics, [run], scored, tmp_path, []).read_text()
+    assert "## fracture" in report and "0 positives" in report
+    assert not (tmp_path / "plots" / "fracture_roc.png").exists()
+    assert (tmp_path / "plots" / "pneumothorax_roc.png").stat().st_size > 0
 
 
 def write_run(folder: Path, rows: pd.DataFrame) -> str:
