@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from ray_app.calibration import Calibration, CalibrationError, eer_threshold, join_truth
 from ray_app.metrics import METRICS, binary_metrics, bootstrap_intervals
@@ -74,6 +75,8 @@ def _unevaluated_row(run: str, condition: str, level: str, rows: pd.DataFrame,
            "threshold_source": f"not evaluated: {reason}"}
     for metric in METRICS:
         row[metric] = row[f"{metric}_low"] = row[f"{metric}_high"] = nan
+    if rows["label"].nunique() == 2:  # ranking needs no threshold
+        row["auroc"] = float(roc_auc_score(rows["label"].astype(int), rows["score"]))
     return row
 
 
