@@ -38,13 +38,31 @@ class Run:
 
 
 def split_reports(truth: pd.DataFrame, fraction: float, seed: int) -> tuple[set, set]:
-    """(calibration ids, evaluation ids): a seeded shuffle of the hand-labelled report ids."""
+    """(calibration ids, evaluation ids): a seeded shuffle of the hand-labelled report ids,
+    stratified so that every (condition, level) with at least two positives has about
+    `fraction` of them (at least one) on the calibration side: a rare finding whose positives
+    all fell on the evaluation side would get no threshold."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"calibration fraction {fraction} must be in [0, 1)")
     ids = np.array(sorted(truth["report_id"].astype(str).unique()))
     np.random.default_rng(seed).shuffle(ids)
     cut = int(round(len(ids) * fraction))
-    return set(ids[:cut]), set(ids[cut:])
+    rank = {report_id: k for k, report_id in enumerate(ids)}
+    chosen: list[str] = []
+    for positives in _positive_ids_rarest_first(truth):
+        want = max(1, int(round(len(positives) * fraction))) if len(positives) >= 2 else 0
+        missing = want - len(positives.intersection(chosen))
+        chosen += sorted(positives.difference(chosen), key=rank.get)[: max(0, missing)]
+    taken = set(chosen)
+    calibration = set((chosen + [i for i in ids if i not in taken])[:cut])
+    return calibration, set(ids) - calibration
+
+
+def _positive_ids_rarest_first(truth: pd.DataFrame) -> list[set]:
+    positive = truth[truth["label"].astype(int) == 1].assign(
+        report_id=lambda t: t["report_id"].astype(str))
+    groups = positive.groupby(["condition", "level"], sort=True)["report_id"].apply(set)
+    return sorted(groups.tolist(), key=len)
 
 
 def evaluate_runs(runs: list[Run], truth: pd.DataFrame, cfg: EvaluationConfig) -> pd.DataFrame:
