@@ -132,15 +132,22 @@ class TransformersEngine(Engine):
         members = [i for g in groups for i in g]
         cache.batch_select_indices(torch.tensor(owner, device=self.device))
         suffixes = [encoded[i][prefix_lens[k]:] for k, i in zip(owner, members)]
+        starts = [prefix_lens[k] for k in owner]
+        for i, value in zip(members, self._score_suffixes(cache, prefix_mask[owner], suffixes, starts)):
+            out[i] = value
+
+    def _score_suffixes(self, cache, cache_mask: torch.Tensor, suffixes: list[list[int]],
+                        starts: list[int]) -> list[float]:
+        """Each row's suffix (right-padded) run on its row of `cache`, whose valid positions
+        `cache_mask` marks; positions continue from `starts`; the score at each suffix's end."""
         suffix_ids, suffix_mask = _right_pad(suffixes, self.tokenizer.pad_token_id, self.device)
-        mask = torch.cat([prefix_mask[owner], suffix_mask], dim=1)
-        start = torch.tensor([prefix_lens[k] for k in owner], device=self.device)[:, None]
+        mask = torch.cat([cache_mask, suffix_mask], dim=1)
+        start = torch.tensor(starts, device=self.device)[:, None]
         positions = start + torch.arange(suffix_ids.shape[1], device=self.device)[None, :]
         logits = self._forward(suffix_ids, mask, positions, cache=cache, keep_all=True).logits
         last = torch.tensor([len(s) - 1 for s in suffixes], device=self.device)
-        answer_logits = logits[torch.arange(len(members), device=self.device), last]
-        for i, value in zip(members, yes_scores(answer_logits, self.formatter.answer_tokens).tolist()):
-            out[i] = value
+        answer_logits = logits[torch.arange(len(suffixes), device=self.device), last]
+        return yes_scores(answer_logits, self.formatter.answer_tokens).tolist()
 
     def _forward(self, input_ids, mask, positions, cache=None, keep_all: bool = False):
         return self.model(
@@ -231,14 +238,7 @@ class TransformersEngine(Engine):
         for m, (r, _, reused) in enumerate(rows):
             cache_mask[m, batch.pads[r] : batch.pads[r] + reused] = 1
         suffixes = [ids[reused:] for _, ids, reused in rows]
-        suffix_ids, suffix_mask = _right_pad(suffixes, self.tokenizer.pad_token_id, self.device)
-        start = torch.tensor([reused for _, _, reused in rows], device=self.device)[:, None]
-        positions = start + torch.arange(suffix_ids.shape[1], device=self.device)[None, :]
-        mask = torch.cat([cache_mask, suffix_mask], dim=1)
-        logits = self._forward(suffix_ids, mask, positions, cache=cache, keep_all=True).logits
-        last = torch.tensor([len(s) - 1 for s in suffixes], device=self.device)
-        answer_logits = logits[torch.arange(len(rows), device=self.device), last]
-        return yes_scores(answer_logits, self.formatter.answer_tokens).tolist()
+        return self._score_suffixes(cache, cache_mask, suffixes, [reused for _, _, reused in rows])
 
     def close(self) -> None:
         self.model = None
