@@ -10,6 +10,9 @@ finding (overlaps count once) and `--negatives` N reports negative for all of th
     python scripts/openi_sample.py --out /tmp/openi5 --findings cardiomegaly pleural_effusion \
         pneumothorax atelectasis fracture --positives pneumothorax=all cardiomegaly=35 \
         pleural_effusion=35 atelectasis=35 fracture=35 --negatives 50
+
+`--exclude` leaves out the reports of earlier samples (a training set disjoint from an
+evaluation set).
 """
 
 from __future__ import annotations
@@ -62,9 +65,14 @@ def main() -> None:
                         help="instead of --per-stratum: positives per finding, e.g. fracture=35")
     parser.add_argument("--negatives", type=int, default=0,
                         help="with --positives: reports negative for every finding")
+    parser.add_argument("--exclude", nargs="+", default=[],
+                        help="report tables (report_id column) whose reports are left out, "
+                             "e.g. an evaluation sample, so that a training sample is disjoint")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     data = pd.read_csv(args.data, dtype={"uid": str})
+    for table in args.exclude:
+        data = data[~data["uid"].isin(pd.read_csv(table, dtype={"report_id": str})["report_id"])]
     data["text"] = data.apply(report_text, axis=1)
     data = data[data["text"] != ""]
     if args.positives:

@@ -54,6 +54,12 @@ class EngineConfig:
     repetition_penalty: float = field(
         default=1.0, metadata={"doc": "Summary decoding (greedy); the reference used 1.15."}
     )
+    draft_tokens: int = field(
+        default=8,
+        metadata={"doc": "transformers: tokens a summary row proposes per decoding step by "
+                  "looking up its latest words in the report (prompt-lookup decoding; the output "
+                  "is greedy's, token for token); 0 = one token per step."},
+    )
     cpu_threads: int | None = field(
         default=None, metadata={"doc": "torch threads on CPU; None = all cores of the process."}
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -12,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from ray_app.engines.base import (
     ChatFormatter, Engine, EngineConfig, FollowUps, Generation, model_identity, split_by_lengths,
 )
+from ray_app.engines.lookup_decoding import DecodedBatch, LookupConfig, lookup_decode
 from ray_app.model_sources import resolve_model
 from ray_app.prompts import Conversation
 from ray_app.scoring import AnswerTokens
@@ -58,6 +58,8 @@ class TransformersEngine(Engine):
         self.formatter = ChatFormatter(self.tokenizer)
         self.model = self._load_model()
         self.stop_ids = self.formatter.stop_token_ids()
+        self._lookup = LookupConfig(config.max_new_tokens, self.stop_ids,
+                                    config.repetition_penalty, config.draft_tokens)
 
     @property
     def model_id(self) -> str:
@@ -165,8 +167,8 @@ class TransformersEngine(Engine):
         results: list[Generation | None] = [None] * len(conversations)
         for indices in self._length_batches(list(range(len(encoded))), encoded,
                                             self.config.generate_batch_size):
-            batch = self._generate_batch([encoded[i] for i in indices])
-            for i, generation in zip(indices, batch.generations):
+            generations, _ = self._generate_batch([encoded[i] for i in indices])
+            for i, generation in zip(indices, generations):
                 results[i] = generation
         return results  # type: ignore[return-value]
 
@@ -183,60 +185,47 @@ class TransformersEngine(Engine):
         scores: list[list[float]] = [[] for _ in requests]
         for indices in self._length_batches(list(range(len(encoded))), encoded,
                                             self.config.generate_batch_size):
-            batch = self._generate_batch([encoded[i] for i in indices])
+            batch_generations, decoded = self._generate_batch([encoded[i] for i in indices])
             questions = [[self.formatter.token_ids(q) for q in follow_ups(i, g.text)]
-                         for i, g in zip(indices, batch.generations)]
-            batch_scores = self._score_on_cache(batch, questions)
-            for i, generation, row_scores in zip(indices, batch.generations, batch_scores):
+                         for i, g in zip(indices, batch_generations)]
+            batch_scores = self._score_on_cache(decoded, questions)
+            for i, generation, row_scores in zip(indices, batch_generations, batch_scores):
                 generations[i], scores[i] = generation, row_scores
         return generations, scores  # type: ignore[return-value]
 
-    def _generate_batch(self, batch: list[list[int]]) -> "_GeneratedBatch":
-        input_ids, mask = self._pad(batch)
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=self.config.max_new_tokens,
-            do_sample=False,
-            repetition_penalty=self.config.repetition_penalty,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            return_dict_in_generate=True,
-        )
-        width = input_ids.shape[1]
-        texts = self.tokenizer.batch_decode(output.sequences[:, width:], skip_special_tokens=True)
-        generations = [Generation(text.strip(), len(ids)) for ids, text in zip(batch, texts)]
-        pads = [width - len(ids) for ids in batch]
-        return _GeneratedBatch(generations, output.sequences, output.past_key_values, pads)
+    def _generate_batch(self, batch: list[list[int]]) -> tuple[list[Generation], DecodedBatch]:
+        decoded = lookup_decode(self._forward, batch, self.tokenizer.pad_token_id,
+                                self._lookup, self.device)
+        texts = self.tokenizer.batch_decode(decoded.new_tokens, skip_special_tokens=True)
+        return [Generation(text.strip(), len(ids)) for ids, text in zip(batch, texts)], decoded
 
-    def _score_on_cache(self, batch: "_GeneratedBatch", questions: list[list[list[int]]]):
+    def _score_on_cache(self, batch: DecodedBatch, questions: list[list[list[int]]]):
         """Scores of each generation's follow-up questions, in passes of at most batch_size rows
         (every row holds its own copy of its generation's cache)."""
-        cached = batch.cache.get_seq_length()
         rows = []  # (cache row, token ids, tokens of it the cache already holds)
         for r, group in enumerate(questions):
-            known = batch.sequences[r, batch.pads[r] : cached].tolist()
             for ids in group:
                 # At least one token left to run: its logits are the answer's.
-                rows.append((r, ids, min(_common_prefix_len([known, ids]), len(ids) - 1)))
+                rows.append((r, ids, min(_common_prefix_len([batch.tokens[r], ids]), len(ids) - 1)))
         size = self.config.batch_size
         flat: list[float] = []
         for start in range(0, len(rows), size):
             flat.extend(self._score_rows_on_cache(batch, rows[start : start + size]))
         return split_by_lengths(flat, [len(group) for group in questions])
 
-    def _score_rows_on_cache(self, batch: "_GeneratedBatch", rows) -> list[float]:
+    def _score_rows_on_cache(self, batch: DecodedBatch, rows) -> list[float]:
         owners = torch.tensor([r for r, _, _ in rows], device=self.device)
-        keep = max(batch.pads[r] + reused for r, _, reused in rows)
+        used = [batch.columns[r][:reused] for r, _, reused in rows]
+        keep = max(cols[-1] + 1 if cols else 1 for cols in used)
         cache = DynamicCache(config=self.model.config)
         for layer_index, layer in enumerate(batch.cache.layers):
             cache.update(layer.keys[owners, :, :keep], layer.values[owners, :, :keep], layer_index)
-        # The cache's left padding, and what the generation wrote past the reused prefix
-        # (the rest of the summary when re-tokenised differently, padding after an early stop),
-        # are masked out; positions continue from the reused prefix.
+        # Only the columns of the reused prefix are attended to: not the left padding, nor
+        # rejected drafts, nor what the generation wrote past the reused prefix (the rest of the
+        # summary when re-tokenised differently); positions continue from the reused prefix.
         cache_mask = torch.zeros(len(rows), keep, dtype=torch.long, device=self.device)
-        for m, (r, _, reused) in enumerate(rows):
-            cache_mask[m, batch.pads[r] : batch.pads[r] + reused] = 1
+        for m, cols in enumerate(used):
+            cache_mask[m, cols] = 1
         suffixes = [ids[reused:] for _, ids, reused in rows]
         return self._score_suffixes(cache, cache_mask, suffixes, [reused for _, _, reused in rows])
 
@@ -244,16 +233,6 @@ class TransformersEngine(Engine):
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-@dataclass
-class _GeneratedBatch:
-    """One left-padded generate() call: completions, all tokens, and the KV cache left over."""
-
-    generations: list[Generation]
-    sequences: torch.Tensor  # [rows, padded prompt + new tokens]
-    cache: DynamicCache  # holds every token of `sequences` but the last
-    pads: list[int]  # left padding of each row
 
 
 def _chunks_by_members(groups: list[list[int]], batch_size: int) -> list[list[list[int]]]:

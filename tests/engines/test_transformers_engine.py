@@ -123,9 +123,12 @@ def _force_round_trip_summaries(engine) -> list[int]:
     forcing, reused = [True], []
 
     def force(module, args, kwargs, output):
-        if forcing[0]:
-            last = kwargs["input_ids"][:, -1]
-            output.logits[torch.arange(len(last)), -1, torch.where(last == normal, mal, normal)] += 1e4
+        if forcing[0]:  # at every position with logits (drafts are checked at each of them)
+            shown = output.logits.shape[1]
+            ids = kwargs["input_ids"][:, -shown:]
+            forced = torch.where(ids == normal, mal, normal)
+            output.logits.scatter_add_(2, forced[..., None],
+                                       torch.full((*ids.shape, 1), 1e4, dtype=output.logits.dtype))
 
     engine.model.register_forward_hook(force, with_kwargs=True)
     score_rows = engine._score_rows_on_cache

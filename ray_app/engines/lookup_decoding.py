@@ -1,0 +1,155 @@
+"""Batched greedy decoding with prompt-lookup drafts (plain torch, no Ray).
+
+A summary of a radiology report copies much of its wording from the report. Each step, every
+row proposes the tokens that followed the last occurrence of its latest n-gram in its own
+prompt and output (no draft model), and one forward pass checks the proposal: the row keeps the
+drafted tokens up to the first one greedy decoding would not have chosen, plus greedy's own
+choice there. The output is greedy decoding's, token for token (repetition penalty included);
+only the number of forward passes changes.
+
+Rows of a batch keep different numbers of tokens per step, so the KV cache gets holes: columns
+of rejected drafts (and of rows already finished) stay in the cache, masked out. Each row's
+valid columns, in order, are returned with the cache so that follow-up questions can be scored
+on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+Forward = Callable[..., Any]  # (input_ids, mask, positions, cache=None, keep_all=False) -> output
+
+
+@dataclass
+class LookupConfig:
+    max_new_tokens: int
+    stop_ids: Sequence[int]
+    repetition_penalty: float = 1.0
+    draft_tokens: int = 8  # proposed per row per step; 0 = plain greedy, one token per pass
+    ngram: int = 3  # longest n-gram matched; shorter ones are tried when it has no match
+
+
+@dataclass
+class DecodedBatch:
+    """A batch's KV cache and, per row, which of its columns hold which of the row's tokens."""
+
+    cache: Any
+    mask: torch.Tensor  # [rows, cache columns]: 1 where a column holds one of the row's tokens
+    columns: list[list[int]]  # per row: the cache columns of its tokens, in order
+    tokens: list[list[int]]  # per row: the token in each of those columns
+    new_tokens: list[list[int]]  # per row: generated tokens, the stop token included
+    forward_passes: int = 1
+
+    def feed(self, forward: Forward, feeds: list[list[int]], pad_id: int) -> torch.Tensor:
+        """Run each row's `feeds` (right-padded; some rows may have none) on the cache; they
+        become the row's newest tokens. Returns the logits [rows, widest feed, vocab]."""
+        device = self.mask.device
+        step = max(len(f) for f in feeds)
+        start = self.mask.shape[1]
+        ids = torch.tensor([f + [pad_id] * (step - len(f)) for f in feeds], device=device)
+        step_mask = torch.tensor([[1] * len(f) + [0] * (step - len(f)) for f in feeds],
+                                 device=device)
+        positions = torch.tensor([[len(cols) + j for j in range(step)] for cols in self.columns],
+                                 device=device)
+        self.mask = torch.cat([self.mask, step_mask], dim=1)
+        logits = forward(ids, self.mask, positions, cache=self.cache, keep_all=True).logits
+        self.forward_passes += 1
+        for cols, toks, fed in zip(self.columns, self.tokens, feeds):
+            cols.extend(range(start, start + len(fed)))
+            toks.extend(fed)
+        return logits
+
+    def drop_newest(self, row: int, count: int) -> None:
+        """Forget the row's `count` newest tokens (rejected drafts): their columns are masked."""
+        if count:
+            self.mask[row, self.columns[row][-count:]] = 0
+            del self.columns[row][-count:], self.tokens[row][-count:]
+
+
+def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The CTRL repetition penalty as transformers applies it: logits of tokens already in the
+    sequence are divided by `penalty` when positive and multiplied by it when negative."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    out = logits.clone()
+    values = out[seen]
+    out[seen] = torch.where(values < 0, values * penalty, values / penalty)
+    return out
+
+
+def propose(context: list[int], ngram: int, count: int) -> list[int]:
+    """Up to `count` tokens that followed the latest earlier occurrence of the context's last
+    n-gram (longest n first); none when no n-gram down to 1 token recurs."""
+    for n in range(min(ngram, len(context) - 1), 0, -1):
+        tail = context[-n:]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start : start + n] == tail:
+                return context[start + n : start + n + count]
+    return []
+
+
+class _Row:
+    """One sequence's greedy choices: everything it has chosen, for drafts and the penalty."""
+
+    def __init__(self, prompt: list[int], cfg: LookupConfig):
+        self.cfg = cfg
+        self.context = list(prompt)
+        self.new: list[int] = []
+        self.seen = set(prompt)
+        self.done = False
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """Greedy's next token (after the penalty); the row ends at a stop token or at the
+        token budget."""
+        seen = torch.tensor(sorted(self.seen), dtype=torch.long, device=logits.device)
+        token = int(penalise(logits.float(), seen, self.cfg.repetition_penalty).argmax())
+        self.context.append(token)
+        self.new.append(token)
+        self.seen.add(token)
+        self.done = token in self.cfg.stop_ids or len(self.new) >= self.cfg.max_new_tokens
+        return token
+
+    def feed(self, pending: int) -> list[int]:
+        """What to run next: greedy's pending token, then the drafted tokens after it."""
+        if self.done:
+            return []
+        budget = min(self.cfg.draft_tokens, self.cfg.max_new_tokens - len(self.new))
+        return [pending] + propose(self.context, self.cfg.ngram, budget)
+
+    def verify(self, feed: list[int], logits: torch.Tensor) -> tuple[int, int]:
+        """Choose after each fed token while greedy agrees with the draft. Returns how many fed
+        tokens to keep and greedy's next token (not fed yet)."""
+        kept, token = 1, -1  # feed[0] is greedy's own choice
+        while not self.done:
+            token = self.choose(logits[kept - 1])
+            if kept == len(feed) or token != feed[kept] or self.done:
+                kept += int(kept < len(feed) and token == feed[kept])
+                break
+            kept += 1
+        return kept, token
+
+
+@torch.inference_mode()
+def lookup_decode(forward: Forward, prompts: list[list[int]], pad_id: int, cfg: LookupConfig,
+                  device: torch.device) -> DecodedBatch:
+    """Greedy continuations of `prompts` (token ids), batched, with prompt-lookup drafts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+    rows = [_Row(p, cfg) for p in prompts]
+    batch = DecodedBatch(out.past_key_values, mask,
+                         [list(range(width - len(p), width)) for p in prompts],
+                         [list(p) for p in prompts], [row.new for row in rows])
+    pending = [row.choose(out.logits[r, -1]) for r, row in enumerate(rows)]
+    while not all(row.done for row in rows):
+        feeds = [row.feed(pending[r]) for r, row in enumerate(rows)]
+        logits = batch.feed(forward, feeds, pad_id)
+        for r, (row, fed) in enumerate(zip(rows, feeds)):
+            if fed:
+                kept, pending[r] = row.verify(fed, logits[r])
+                batch.drop_newest(r, len(fed) - kept)
+    return batch
