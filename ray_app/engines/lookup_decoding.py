@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-Forward = Callable[..., Any]  # (input_ids, mask, positions, cache=None, keep_all=False) -> output
+Forward = Callable[..., Any]  # (input_ids, mask, positions, cache=None, logits_to_keep=1) -> output
 
 
 @dataclass
@@ -43,9 +43,11 @@ class DecodedBatch:
     new_tokens: list[list[int]]  # per row: generated tokens, the stop token included
     forward_passes: int = 1
 
-    def feed(self, forward: Forward, feeds: list[list[int]], pad_id: int) -> torch.Tensor:
+    def feed(self, forward: Forward, feeds: list[list[int]], pad_id: int,
+             logits_to_keep: int = 0) -> torch.Tensor:
         """Run each row's `feeds` (right-padded; some rows may have none) on the cache; they
-        become the row's newest tokens. Returns the logits [rows, widest feed, vocab]."""
+        become the row's newest tokens. Returns the logits [rows, widest feed, vocab] (or of
+        the last `logits_to_keep` positions)."""
         device = self.mask.device
         step = max(len(f) for f in feeds)
         start = self.mask.shape[1]
@@ -55,7 +57,8 @@ class DecodedBatch:
         positions = torch.tensor([[len(cols) + j for j in range(step)] for cols in self.columns],
                                  device=device)
         self.mask = torch.cat([self.mask, step_mask], dim=1)
-        logits = forward(ids, self.mask, positions, cache=self.cache, keep_all=True).logits
+        logits = forward(ids, self.mask, positions, cache=self.cache,
+                         logits_to_keep=logits_to_keep).logits
         self.forward_passes += 1
         for cols, toks, fed in zip(self.columns, self.tokens, feeds):
             cols.extend(range(start, start + len(fed)))

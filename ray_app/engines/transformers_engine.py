@@ -146,19 +146,25 @@ class TransformersEngine(Engine):
         mask = torch.cat([cache_mask, suffix_mask], dim=1)
         start = torch.tensor(starts, device=self.device)[:, None]
         positions = start + torch.arange(suffix_ids.shape[1], device=self.device)[None, :]
-        logits = self._forward(suffix_ids, mask, positions, cache=cache, keep_all=True).logits
+        # Logits only at the positions where some suffix ends: the vocabulary projection of
+        # every suffix token would cost more than the rest of the pass.
         last = torch.tensor([len(s) - 1 for s in suffixes], device=self.device)
-        answer_logits = logits[torch.arange(len(suffixes), device=self.device), last]
+        ends = torch.unique(last)
+        logits = self._forward(suffix_ids, mask, positions, cache=cache, logits_to_keep=ends).logits
+        answer_logits = logits[torch.arange(len(suffixes), device=self.device),
+                               torch.searchsorted(ends, last)]
         return yes_scores(answer_logits, self.formatter.answer_tokens).tolist()
 
-    def _forward(self, input_ids, mask, positions, cache=None, keep_all: bool = False):
+    def _forward(self, input_ids, mask, positions, cache=None, logits_to_keep=1):
+        """One pass; logits for the last `logits_to_keep` positions (0: all of them), or for
+        the positions a 1-D tensor lists."""
         return self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=0 if keep_all else 1,
+            logits_to_keep=logits_to_keep,
         )
 
     @torch.inference_mode()
@@ -202,6 +208,7 @@ class TransformersEngine(Engine):
     def _score_on_cache(self, batch: DecodedBatch, questions: list[list[list[int]]]):
         """Scores of each generation's follow-up questions, in passes of at most batch_size rows
         (every row holds its own copy of its generation's cache)."""
+        self._run_shared_stems(batch, questions)
         rows = []  # (cache row, token ids, tokens of it the cache already holds)
         for r, group in enumerate(questions):
             for ids in group:
@@ -212,6 +219,24 @@ class TransformersEngine(Engine):
         for start in range(0, len(rows), size):
             flat.extend(self._score_rows_on_cache(batch, rows[start : start + size]))
         return split_by_lengths(flat, [len(group) for group in questions])
+
+    def _run_shared_stems(self, batch: DecodedBatch, questions: list[list[list[int]]]) -> None:
+        """Run once, on each generation's cache row, the tokens its follow-ups share past the
+        cache (a question asked per level differs only at the level): each row's copy of the
+        cache then holds them, and only each question's own end is run per question."""
+        feeds = []
+        for r, group in enumerate(questions):
+            if len(group) < 2:
+                feeds.append([])
+                continue
+            reused = min(_common_prefix_len([batch.tokens[r], ids]) for ids in group)
+            # What the cache holds past the shared part (the summary re-tokenised differently)
+            # is forgotten: the stem follows the reused prefix directly.
+            batch.drop_newest(r, len(batch.tokens[r]) - reused)
+            stem = min(_common_prefix_len(group), min(len(ids) for ids in group) - 1)
+            feeds.append(group[0][reused:stem])
+        if any(feeds):
+            batch.feed(self._forward, feeds, self.tokenizer.pad_token_id, logits_to_keep=1)
 
     def _score_rows_on_cache(self, batch: DecodedBatch, rows) -> list[float]:
         owners = torch.tensor([r for r, _, _ in rows], device=self.device)

@@ -6,7 +6,7 @@ import torch
 from ray_app import prompts
 from ray_app.conditions import load_condition
 from ray_app.engines import EngineConfig, make_engine
-from ray_app.engines.transformers_engine import shared_prefix_groups
+from ray_app.engines.transformers_engine import _common_prefix_len, shared_prefix_groups
 from ray_app.scoring import score_from_logits
 
 REPORTS = [
@@ -114,13 +114,13 @@ def _summary_follow_ups(condition, report, rewrite=lambda text: text):
     return follow_ups
 
 
-def _force_round_trip_summaries(engine) -> list[int]:
+def _force_round_trip_summaries(engine) -> tuple[list[int], list[int]]:
     """The tiny model's own summaries are byte fragments that re-tokenise differently, so no
     summary token could come from the cache: make generation write "NormalNormal..." (tokens
     that re-tokenise the same), leave scoring alone, and record how many tokens of each scored
-    row the cache supplied."""
+    row the cache supplied, and how many of each generation's row its follow-ups share."""
     normal, mal = engine.tokenizer.encode("Normal", add_special_tokens=False)
-    forcing, reused = [True], []
+    forcing, reused, from_generation = [True], [], []
 
     def force(module, args, kwargs, output):
         if forcing[0]:  # at every position with logits (drafts are checked at each of them)
@@ -131,7 +131,17 @@ def _force_round_trip_summaries(engine) -> list[int]:
                                        torch.full((*ids.shape, 1), 1e4, dtype=output.logits.dtype))
 
     engine.model.register_forward_hook(force, with_kwargs=True)
-    score_rows = engine._score_rows_on_cache
+    score_rows, run_stems = engine._score_rows_on_cache, engine._run_shared_stems
+
+    def recorded_stems(batch, questions):
+        # tokens of the generation's row that some follow-up shares, before the stems run
+        from_generation.extend(min(_common_prefix_len([batch.tokens[r], ids]) for ids in group)
+                               for r, group in enumerate(questions))
+        forcing[0] = False
+        try:
+            return run_stems(batch, questions)
+        finally:
+            forcing[0] = True
 
     def unforced(batch, rows):
         forcing[0] = False
@@ -142,7 +152,8 @@ def _force_round_trip_summaries(engine) -> list[int]:
             forcing[0] = True
 
     engine._score_rows_on_cache = unforced
-    return reused
+    engine._run_shared_stems = recorded_stems
+    return reused, from_generation
 
 
 @pytest.mark.parametrize("rewrite", [
@@ -154,20 +165,26 @@ def test_generate_then_score_on_cache_equals_fresh_encoding(tiny_model_dir, rewr
     """Scoring the follow-ups on generation's KV cache gives a fresh encoding's scores, however
     much of the generated summary the follow-up conversation actually shares."""
     engine = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=4, max_new_tokens=12))
-    reused = _force_round_trip_summaries(engine)
+    reused, from_generation = _force_round_trip_summaries(engine)
     stenosis = load_condition("spinal_canal_stenosis")
     requests = [prompts.summary_request_conversation(prompts.DEFAULT_TEMPLATE, stenosis, r)
                 for r in REPORTS]
     follow_ups = _summary_follow_ups(stenosis, REPORTS, rewrite)
     generations, scores = engine.generate_then_score(requests, follow_ups)
     prompt_lengths = [engine.count_tokens(r) for r in requests]
-    if rewrite("x") == "x":  # the whole summary came from the cache
-        assert min(reused) >= min(prompt_lengths) + 10
+    if rewrite("x") == "x":  # the whole summary came from the generation's cache
+        assert min(from_generation) >= min(prompt_lengths) + 10
     else:  # only the prompt did
-        assert max(reused) < max(prompt_lengths) + 8
+        assert max(from_generation) < max(prompt_lengths) + 8
+    # The six level questions' shared stem ran once per generation: each question reused all
+    # of it, so only its own end ran per question.
+    fresh = [follow_ups(i, g.text) for i, g in enumerate(generations)]
+    encoded = [[engine.formatter.token_ids(c) for c in group] for group in fresh]
+    stems = [min(_common_prefix_len(g), min(map(len, g)) - 1) for g in encoded]
+    assert sorted(reused) == sorted(stem for stem in stems for _ in range(6))
+    assert min(stems) > max(from_generation) + 20
     assert [g.text for g in generations] == [g.text for g in engine.generate(requests)]
     assert all(g.text.startswith("NormalNormal") for g in generations)
-    fresh = [follow_ups(i, g.text) for i, g in enumerate(generations)]
     expected = hand_scores(engine, [c for group in fresh for c in group])
     got = [s for group in scores for s in group]
     assert [len(g) for g in scores] == [6, 6, 6]
