@@ -20,8 +20,8 @@ from ray_app.engines import EngineConfig
 from ray_app.label_job import LabelJobConfig, run_label_job
 
 _ENGINE_FLAGS = ("engine", "model", "dtype", "device", "batch_size", "generate_batch_size",
-                 "max_context_tokens", "max_new_tokens", "repetition_penalty", "cpu_threads", "adapter",
-                 "tensor_parallel_size")
+                 "draft_tokens", "max_context_tokens", "max_new_tokens", "repetition_penalty",
+                 "cpu_threads", "adapter", "tensor_parallel_size")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
