@@ -113,4 +113,15 @@ class FinetuneConfig:
         if unknown:
             raise ValueError(f"unknown fine-tuning setting(s) {sorted(unknown)}; "
                              f"known: {sorted(known)}")
-        return cls(**data)
+        types = {f.name: str(f.type) for f in fields(cls)}
+        return cls(**{name: _number(name, value, types[name]) for name, value in data.items()})
+
+
+def _number(name: str, value: Any, kind: str) -> Any:
+    """YAML reads `3e-4` (no dot) as a string: a float field takes it as the number it is."""
+    if kind.startswith("float") and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    return value
