@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 Forward = Callable[..., Any]  # (input_ids, mask, positions, cache=None, logits_to_keep=1) -> output
 
@@ -43,7 +44,7 @@ class DecodedBatch:
     columns: list[list[int]]  # per row: the cache columns of its tokens, in order
     tokens: list[list[int]]  # per row: the token in each of those columns
     new_tokens: list[list[int]]  # per row: generated tokens, the stop token included
-    forward_passes: int = 1
+    forward_passes: int = 1  # counts the prefill as one
 
     def feed(self, forward: Forward, feeds: list[list[int]], pad_id: int,
              logits_to_keep: int = 0) -> torch.Tensor:
@@ -139,17 +140,19 @@ class _Row:
 
 @torch.inference_mode()
 def lookup_decode(forward: Forward, prompts: list[list[int]], pad_id: int, cfg: LookupConfig,
-                  device: torch.device) -> DecodedBatch:
-    """Greedy continuations of `prompts` (token ids), batched, with prompt-lookup drafts."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+                  device: torch.device, prefill_rows: int | None = None,
+                  new_cache: Callable[[], Any] | None = None) -> DecodedBatch:
+    """Greedy continuations of `prompts` (token ids), decoded as one batch, with prompt-lookup
+    drafts. The prompts are run in chunks of `prefill_rows` consecutive prompts (pass them
+    sorted by length): prefill is compute-bound, so small chunks cost nothing and waste little
+    on left padding, while decoding gains from a wide batch (2 CPU cores, SmolLM2: 10.1 ms per
+    row and step at 8 rows, 6.1 at 16, 5.4 at 32). `new_cache` makes the empty KV cache the
+    chunks are merged into (the model's DynamicCache)."""
+    batch, last_logits = _prefill(forward, prompts, pad_id, device, prefill_rows or len(prompts),
+                                  new_cache)
     rows = [_Row(p, cfg) for p in prompts]
-    batch = DecodedBatch(out.past_key_values, mask,
-                         [list(range(width - len(p), width)) for p in prompts],
-                         [list(p) for p in prompts], [row.new for row in rows])
-    pending = [row.choose(out.logits[r, -1]) for r, row in enumerate(rows)]
+    batch.new_tokens = [row.new for row in rows]
+    pending = [row.choose(last_logits[r]) for r, row in enumerate(rows)]
     while not all(row.done for row in rows):
         feeds = [row.feed(pending[r]) for r, row in enumerate(rows)]
         logits = batch.feed(forward, feeds, pad_id)
@@ -158,3 +161,37 @@ def lookup_decode(forward: Forward, prompts: list[list[int]], pad_id: int, cfg: 
                 kept, pending[r] = row.verify(fed, logits[r])
                 batch.drop_newest(r, len(fed) - kept)
     return batch
+
+
+def _prefill(forward: Forward, prompts: list[list[int]], pad_id: int, device: torch.device,
+             chunk_rows: int, new_cache) -> tuple[DecodedBatch, torch.Tensor]:
+    """Every prompt run, in chunks, into one left-padded cache; the logits after each prompt."""
+    width = max(len(p) for p in prompts)
+    caches, last_logits = [], []
+    for start in range(0, len(prompts), chunk_rows):
+        chunk = prompts[start : start + chunk_rows]
+        chunk_width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_id] * (chunk_width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (chunk_width - len(p)) + [1] * len(p) for p in chunk],
+                            device=device)
+        out = forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+        caches.append((out.past_key_values, width - chunk_width))
+        last_logits.append(out.logits[:, -1])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return DecodedBatch(_left_padded_cache(caches, new_cache), mask,
+                        [list(range(width - len(p), width)) for p in prompts],
+                        [list(p) for p in prompts], []), torch.cat(last_logits)
+
+
+def _left_padded_cache(caches: list[tuple[Any, int]], new_cache) -> Any:
+    """One cache from the chunks' caches, each left-padded (zeros, masked) to the widest."""
+    if len(caches) == 1 and caches[0][1] == 0:
+        return caches[0][0]
+    if new_cache is None:
+        from transformers import DynamicCache as new_cache
+    merged = new_cache()
+    for index in range(len(caches[0][0].layers)):
+        keys = [F.pad(c.layers[index].keys, (0, 0, pad, 0)) for c, pad in caches]
+        values = [F.pad(c.layers[index].values, (0, 0, pad, 0)) for c, pad in caches]
+        merged.update(torch.cat(keys), torch.cat(values), index)
+    return merged

@@ -200,33 +200,39 @@ class TransformersEngine(Engine):
         return generations, scores  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[list[int]]) -> tuple[list[Generation], DecodedBatch]:
-        decoded = lookup_decode(self._forward, batch, self.tokenizer.pad_token_id,
-                                self._lookup, self.device)
+        decoded = lookup_decode(self._forward, batch, self.tokenizer.pad_token_id, self._lookup,
+                                self.device, prefill_rows=self.config.batch_size,
+                                new_cache=lambda: DynamicCache(config=self.model.config))
         texts = self.tokenizer.batch_decode(decoded.new_tokens, skip_special_tokens=True)
         return [Generation(text.strip(), len(ids)) for ids, text in zip(batch, texts)], decoded
 
     def _score_on_cache(self, batch: DecodedBatch, questions: list[list[list[int]]]):
         """Scores of each generation's follow-up questions, in passes of at most batch_size rows
         (every row holds its own copy of its generation's cache)."""
-        self._run_shared_stems(batch, questions)
+        self._run_stems(batch, questions)
         rows = []  # (cache row, token ids, tokens of it the cache already holds)
         for r, group in enumerate(questions):
             for ids in group:
                 # At least one token left to run: its logits are the answer's.
                 rows.append((r, ids, min(_common_prefix_len([batch.tokens[r], ids]), len(ids) - 1)))
+        # Suffixes of similar length together: a pass is as wide as its longest suffix.
+        order = sorted(range(len(rows)), key=lambda m: len(rows[m][1]) - rows[m][2])
         size = self.config.batch_size
-        flat: list[float] = []
+        flat = [0.0] * len(rows)
         for start in range(0, len(rows), size):
-            flat.extend(self._score_rows_on_cache(batch, rows[start : start + size]))
+            chunk = order[start : start + size]
+            for m, value in zip(chunk, self._score_rows_on_cache(batch, [rows[m] for m in chunk])):
+                flat[m] = value
         return split_by_lengths(flat, [len(group) for group in questions])
 
-    def _run_shared_stems(self, batch: DecodedBatch, questions: list[list[list[int]]]) -> None:
-        """Run once, on each generation's cache row, the tokens its follow-ups share past the
-        cache (a question asked per level differs only at the level): each row's copy of the
-        cache then holds them, and only each question's own end is run per question."""
+    def _run_stems(self, batch: DecodedBatch, questions: list[list[list[int]]]) -> None:
+        """Run once, on each generation's cache row, what its follow-ups share past the cache
+        (a question asked per level differs only at the level; a lone question shares all but
+        its last token): each row's copy of the cache then holds it, and only each question's
+        own end is run per question, in passes of short, similar suffixes."""
         feeds = []
         for r, group in enumerate(questions):
-            if len(group) < 2:
+            if not group:
                 feeds.append([])
                 continue
             reused = min(_common_prefix_len([batch.tokens[r], ids]) for ids in group)

@@ -58,10 +58,11 @@ def hf_greedy(engine, ids: list[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def decode(engine, batch, draft_tokens):
+def decode(engine, batch, draft_tokens, prefill_rows=None):
     cfg = LookupConfig(engine.config.max_new_tokens, engine.stop_ids,
                        engine.config.repetition_penalty, draft_tokens)
-    return lookup_decode(engine._forward, batch, engine.tokenizer.pad_token_id, cfg, engine.device)
+    return lookup_decode(engine._forward, batch, engine.tokenizer.pad_token_id, cfg, engine.device,
+                         prefill_rows=prefill_rows)
 
 
 @pytest.mark.parametrize("draft_tokens", [0, 3, 8])
@@ -74,6 +75,17 @@ def test_lookup_decoding_is_greedy_decoding(engine, requests, draft_tokens):
     assert [decode(engine, [ids], draft_tokens).new_tokens[0] for ids in requests] == expected
     if draft_tokens == 0:
         assert together.forward_passes == engine.config.max_new_tokens
+
+
+@pytest.mark.parametrize("prefill_rows", [1, 2])
+def test_prompts_prefilled_in_chunks_decode_as_one_batch(engine, requests, prefill_rows):
+    """Chunks' caches of different widths, left-padded into one: the same tokens."""
+    expected = [hf_greedy(engine, ids) for ids in requests]
+    decoded = decode(engine, requests, 3, prefill_rows)
+    assert decoded.new_tokens == expected
+    width = max(map(len, requests))
+    assert [cols[: len(ids)] for cols, ids in zip(decoded.columns, requests)] == [
+        list(range(width - len(ids), width)) for ids in requests]
 
 
 def force_pattern(engine, pattern: list[int]):

@@ -131,7 +131,7 @@ def _force_round_trip_summaries(engine) -> tuple[list[int], list[int]]:
                                        torch.full((*ids.shape, 1), 1e4, dtype=output.logits.dtype))
 
     engine.model.register_forward_hook(force, with_kwargs=True)
-    score_rows, run_stems = engine._score_rows_on_cache, engine._run_shared_stems
+    score_rows, run_stems = engine._score_rows_on_cache, engine._run_stems
 
     def recorded_stems(batch, questions):
         # tokens of the generation's row that some follow-up shares, before the stems run
@@ -152,7 +152,7 @@ def _force_round_trip_summaries(engine) -> tuple[list[int], list[int]]:
             forcing[0] = True
 
     engine._score_rows_on_cache = unforced
-    engine._run_shared_stems = recorded_stems
+    engine._run_stems = recorded_stems
     return reused, from_generation
 
 
