@@ -37,10 +37,10 @@ class EngineConfig:
     device: str = field(default="auto", metadata={"doc": "'auto', 'cpu' or 'cuda'."})
     batch_size: int = field(default=8, metadata={"doc": "Prompts per scoring forward pass."})
     generate_batch_size: int = field(
-        default=8,
-        metadata={"doc": "transformers: summaries generated together. Raise it on a GPU; on 2 CPU "
-                  "cores 32 was slower than 8 (left padding of mixed-length reports costs more "
-                  "prefill than the bigger decode batch saves)."},
+        default=32,
+        metadata={"doc": "transformers: summaries decoded together (prompts are prefilled "
+                  "batch_size at a time, by length). 2 CPU cores, SmolLM2, 64 reports: 2.53 "
+                  "s/report at 16, 2.22 at 32."},
     )
     max_context_tokens: int = field(
         default=4096,
