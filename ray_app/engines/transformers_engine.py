@@ -58,8 +58,6 @@ class TransformersEngine(Engine):
         self.formatter = ChatFormatter(self.tokenizer)
         self.model = self._load_model()
         self.stop_ids = self.formatter.stop_token_ids()
-        self._lookup = LookupConfig(config.max_new_tokens, self.stop_ids,
-                                    config.repetition_penalty, config.draft_tokens)
 
     @property
     def model_id(self) -> str:
@@ -200,7 +198,10 @@ class TransformersEngine(Engine):
         return generations, scores  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[list[int]]) -> tuple[list[Generation], DecodedBatch]:
-        decoded = lookup_decode(self._forward, batch, self.tokenizer.pad_token_id, self._lookup,
+        # Settings read per call: the stop ids and the config may change after loading.
+        settings = LookupConfig(self.config.max_new_tokens, self.stop_ids,
+                                self.config.repetition_penalty, self.config.draft_tokens)
+        decoded = lookup_decode(self._forward, batch, self.tokenizer.pad_token_id, settings,
                                 self.device, prefill_rows=self.config.batch_size,
                                 new_cache=lambda: DynamicCache(config=self.model.config))
         texts = self.tokenizer.batch_decode(decoded.new_tokens, skip_special_tokens=True)

@@ -206,3 +206,19 @@ def test_generate_then_score_default_matches_override(tiny_model_dir):
     gens_b, scores_b = Engine.generate_then_score(engine, requests, follow_ups)
     assert [g.text for g in gens_a] == [g.text for g in gens_b]
     assert max(abs(a[0] - b[0]) for a, b in zip(scores_a, scores_b)) < 1e-5
+
+
+def test_generation_stops_at_the_engines_current_stop_ids(tiny_model_dir, monkeypatch):
+    """The tiny random model never ends its turn by itself: make its first greedy token a stop
+    id after loading, and generation must stop right after it."""
+    engine = make_engine(EngineConfig(model=str(tiny_model_dir), max_new_tokens=12))
+    request = prompts.summary_request_conversation(
+        prompts.DEFAULT_TEMPLATE, load_condition("spinal_cancer"), REPORTS[0])
+    ids = torch.tensor([engine.formatter.token_ids(request)])
+    with torch.inference_mode():
+        first = int(engine.model(input_ids=ids).logits[0, -1].argmax())
+    assert len(engine.tokenizer.encode(engine.generate([request])[0].text,
+                                       add_special_tokens=False)) > 3
+    monkeypatch.setattr(engine, "stop_ids", [first])
+    expected = engine.tokenizer.decode([first], skip_special_tokens=True).strip()
+    assert engine.generate([request])[0].text == expected

@@ -1,16 +1,20 @@
 """Fine-tuning config: YAML files and `--set` overrides."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 from ray_app.finetune.config import FinetuneConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jobs"))
-from finetune import build_config  # noqa: E402
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+# By path: the name `finetune` is this test package's own in a full run.
+_spec = importlib.util.spec_from_file_location("finetune_job", JOBS / "finetune.py")
+_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_job)
+build_config = _job.build_config
 
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "finetune_labeller.yaml")
+CONFIG = str(JOBS.parent / "configs" / "finetune_labeller.yaml")
 
 
 def test_set_overrides_are_typed_like_the_fields():
