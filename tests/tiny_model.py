@@ -59,3 +59,19 @@ def build_tiny_model(folder: Path, seed: int = 0, vocab_size: int = 600) -> Path
         model.lm_head.weight.mul_(20)
     model.save_pretrained(folder)
     return folder
+
+
+def force_next_tokens(model, next_tokens, active=lambda: True):
+    """A forward hook that makes `next_tokens(input_ids)` (same shape) win by 1e4 at every
+    position that has logits (drafts are checked at several positions per pass), while
+    `active()` says so. Returns the hook's handle."""
+    import torch
+
+    def hook(module, args, kwargs, output):
+        if active():
+            shown = output.logits.shape[1]
+            forced = next_tokens(kwargs["input_ids"][:, -shown:])
+            boost = torch.full((*forced.shape, 1), 1e4, dtype=output.logits.dtype)
+            output.logits.scatter_add_(2, forced[..., None], boost)
+
+    return model.register_forward_hook(hook, with_kwargs=True)

@@ -51,14 +51,10 @@ class DecodedBatch:
         """Run each row's `feeds` (right-padded; some rows may have none) on the cache; they
         become the row's newest tokens. Returns the logits [rows, widest feed, vocab] (or of
         the last `logits_to_keep` positions)."""
-        device = self.mask.device
-        step = max(len(f) for f in feeds)
         start = self.mask.shape[1]
-        ids = torch.tensor([f + [pad_id] * (step - len(f)) for f in feeds], device=device)
-        step_mask = torch.tensor([[1] * len(f) + [0] * (step - len(f)) for f in feeds],
-                                 device=device)
-        positions = torch.tensor([[len(cols) + j for j in range(step)] for cols in self.columns],
-                                 device=device)
+        ids, step_mask = right_pad(feeds, pad_id, self.mask.device)
+        positions = torch.tensor([[len(cols) + j for j in range(ids.shape[1])]
+                                  for cols in self.columns], device=self.mask.device)
         self.mask = torch.cat([self.mask, step_mask], dim=1)
         logits = forward(ids, self.mask, positions, cache=self.cache,
                          logits_to_keep=logits_to_keep).logits
@@ -97,6 +93,28 @@ def propose(context: list[int], ngram: int, count: int) -> list[int]:
     return []
 
 
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left to the longest row, and the mask of real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the right to the longest row (rows may be empty), and their mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as generate() computes them; without this, padded
+    rows see shifted positions and score differently from unpadded ones."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class _Row:
     """One sequence's greedy choices: everything it has chosen, for drafts and the penalty."""
 
@@ -110,8 +128,10 @@ class _Row:
     def choose(self, logits: torch.Tensor) -> int:
         """Greedy's next token (after the penalty); the row ends at a stop token or at the
         token budget."""
-        seen = torch.tensor(sorted(self.seen), dtype=torch.long, device=logits.device)
-        token = int(penalise(logits.float(), seen, self.cfg.repetition_penalty).argmax())
+        if self.cfg.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(self.seen), dtype=torch.long, device=logits.device)
+            logits = penalise(logits.float(), seen, self.cfg.repetition_penalty)
+        token = int(logits.argmax())
         self.context.append(token)
         self.new.append(token)
         self.seen.add(token)
@@ -169,15 +189,11 @@ def _prefill(forward: Forward, prompts: list[list[int]], pad_id: int, device: to
     width = max(len(p) for p in prompts)
     caches, last_logits = [], []
     for start in range(0, len(prompts), chunk_rows):
-        chunk = prompts[start : start + chunk_rows]
-        chunk_width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad_id] * (chunk_width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (chunk_width - len(p)) + [1] * len(p) for p in chunk],
-                            device=device)
-        out = forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
-        caches.append((out.past_key_values, width - chunk_width))
+        ids, mask = left_pad(prompts[start : start + chunk_rows], pad_id, device)
+        out = forward(ids, mask, left_padded_positions(mask))
+        caches.append((out.past_key_values, width - ids.shape[1]))
         last_logits.append(out.logits[:, -1])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    _, mask = left_pad(prompts, pad_id, device)
     return DecodedBatch(_left_padded_cache(caches, new_cache), mask,
                         [list(range(width - len(p), width)) for p in prompts],
                         [list(p) for p in prompts], []), torch.cat(last_logits)

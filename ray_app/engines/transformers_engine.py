@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from ray_app.engines.base import (
     ChatFormatter, Engine, EngineConfig, FollowUps, Generation, model_identity, split_by_lengths,
 )
-from ray_app.engines.lookup_decoding import DecodedBatch, LookupConfig, lookup_decode
+from ray_app.engines.lookup_decoding import (
+    DecodedBatch, LookupConfig, left_pad, left_padded_positions, lookup_decode, right_pad,
+)
 from ray_app.model_sources import resolve_model
 from ray_app.prompts import Conversation
 from ray_app.scoring import AnswerTokens
@@ -87,11 +89,7 @@ class TransformersEngine(Engine):
         return self.formatter.count_tokens(conversation)
 
     def _pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(ids) for ids in batch)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-        return input_ids.to(self.device), mask.to(self.device)
+        return left_pad(batch, self.tokenizer.pad_token_id, self.device)
 
     @torch.inference_mode()
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
@@ -117,7 +115,7 @@ class TransformersEngine(Engine):
 
     def _score_padded(self, indices: list[int], encoded: list[list[int]], out: list[float]):
         input_ids, mask = self._pad([encoded[i] for i in indices])
-        out_logits = self._forward(input_ids, mask, _positions(mask)).logits[:, -1, :]
+        out_logits = self._forward(input_ids, mask, left_padded_positions(mask)).logits[:, -1, :]
         for i, value in zip(indices, yes_scores(out_logits, self.formatter.answer_tokens).tolist()):
             out[i] = value
 
@@ -127,20 +125,22 @@ class TransformersEngine(Engine):
         prefix_lens = [_common_prefix_len([encoded[i] for i in g]) for g in groups]
         prefix_lens = [min(n, min(len(encoded[i]) for i in g) - 1) for n, g in zip(prefix_lens, groups)]
         prefix_ids, prefix_mask = self._pad([encoded[g[0]][:n] for g, n in zip(groups, prefix_lens)])
-        cache = self._forward(prefix_ids, prefix_mask, _positions(prefix_mask)).past_key_values
+        positions = left_padded_positions(prefix_mask)
+        cache = self._forward(prefix_ids, prefix_mask, positions).past_key_values
         owner = [k for k, g in enumerate(groups) for _ in g]
         members = [i for g in groups for i in g]
         cache.batch_select_indices(torch.tensor(owner, device=self.device))
         suffixes = [encoded[i][prefix_lens[k]:] for k, i in zip(owner, members)]
         starts = [prefix_lens[k] for k in owner]
-        for i, value in zip(members, self._score_suffixes(cache, prefix_mask[owner], suffixes, starts)):
+        scored = self._score_suffixes(cache, prefix_mask[owner], suffixes, starts)
+        for i, value in zip(members, scored):
             out[i] = value
 
     def _score_suffixes(self, cache, cache_mask: torch.Tensor, suffixes: list[list[int]],
                         starts: list[int]) -> list[float]:
         """Each row's suffix (right-padded) run on its row of `cache`, whose valid positions
         `cache_mask` marks; positions continue from `starts`; the score at each suffix's end."""
-        suffix_ids, suffix_mask = _right_pad(suffixes, self.tokenizer.pad_token_id, self.device)
+        suffix_ids, suffix_mask = right_pad(suffixes, self.tokenizer.pad_token_id, self.device)
         mask = torch.cat([cache_mask, suffix_mask], dim=1)
         start = torch.tensor(starts, device=self.device)[:, None]
         positions = start + torch.arange(suffix_ids.shape[1], device=self.device)[None, :]
@@ -284,19 +284,6 @@ def _chunks_by_members(groups: list[list[int]], batch_size: int) -> list[list[li
             chunks.append([group])
             rows = len(group)
     return chunks
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding, as generate() computes them; without this, padded
-    rows see shifted positions and score differently from unpadded ones."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _right_pad(rows: list[list[int]], pad: int, device: torch.device):
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-    return ids, mask
 
 
 def _common_prefix_len(rows: list[list[int]]) -> int:

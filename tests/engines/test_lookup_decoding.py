@@ -1,4 +1,4 @@
-"""Prompt-lookup greedy decoding: the same tokens as transformers' greedy `generate`, fewer passes."""
+"""Prompt-lookup greedy decoding: the tokens of transformers' greedy `generate`, fewer passes."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from ray_app import prompts
 from ray_app.conditions import load_condition
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.lookup_decoding import LookupConfig, lookup_decode, penalise, propose
+from tiny_model import force_next_tokens
 
 REPORTS = [
     "FINDINGS: Severe central canal stenosis at L4-L5.\nIMPRESSION: Severe stenosis.",
@@ -93,14 +94,8 @@ def force_pattern(engine, pattern: list[int]):
     that repeats its own words), so that drafts are accepted."""
     following = {a: b for a, b in zip(pattern, pattern[1:] + pattern[:1])}
 
-    def hook(module, args, kwargs, output):
-        shown = output.logits.shape[1]
-        forced = kwargs["input_ids"][:, -shown:].clone().apply_(
-            lambda token: following.get(token, pattern[0]))
-        output.logits.scatter_add_(2, forced[..., None],
-                                   torch.full((*forced.shape, 1), 1e4, dtype=output.logits.dtype))
-
-    return engine.model.register_forward_hook(hook, with_kwargs=True)
+    return force_next_tokens(engine.model, lambda ids: ids.clone().apply_(
+        lambda token: following.get(token, pattern[0])))
 
 
 def test_accepted_drafts_save_passes_and_cache_columns_are_the_tokens(engine, requests):

@@ -8,6 +8,7 @@ from ray_app.conditions import load_condition
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.transformers_engine import _common_prefix_len, shared_prefix_groups
 from ray_app.scoring import score_from_logits
+from tiny_model import force_next_tokens
 
 REPORTS = [
     "FINDINGS: Severe central canal stenosis at L4-L5.\nIMPRESSION: Severe stenosis.",
@@ -122,15 +123,8 @@ def _force_round_trip_summaries(engine) -> tuple[list[int], list[int]]:
     normal, mal = engine.tokenizer.encode("Normal", add_special_tokens=False)
     forcing, reused, from_generation = [True], [], []
 
-    def force(module, args, kwargs, output):
-        if forcing[0]:  # at every position with logits (drafts are checked at each of them)
-            shown = output.logits.shape[1]
-            ids = kwargs["input_ids"][:, -shown:]
-            forced = torch.where(ids == normal, mal, normal)
-            output.logits.scatter_add_(2, forced[..., None],
-                                       torch.full((*ids.shape, 1), 1e4, dtype=output.logits.dtype))
-
-    engine.model.register_forward_hook(force, with_kwargs=True)
+    force_next_tokens(engine.model, lambda ids: torch.where(ids == normal, mal, normal),
+                      active=lambda: forcing[0])
     score_rows, run_stems = engine._score_rows_on_cache, engine._run_stems
 
     def recorded_stems(batch, questions):
