@@ -1,8 +1,13 @@
 """The disc-embedding job on Ray Data: DICOM archive + disc locations -> Parquet embeddings keyed
 by (study_uid, series_uid, level), plus an errors table. Headers are read by tasks, series are
 chosen on the driver, discs are cut by tasks and embedded by actors (one per GPU where the
-cluster has GPUs, else CPU actors), which write their own Parquet parts. Resumable: studies
-already in the output are skipped."""
+cluster has GPUs, else CPU actors), which write their own Parquet parts.
+
+Resumable disc by disc, the granularity the actors write at: a located disc (study_uid,
+series_uid, level) is done when its embedding row exists or its crop failed with an error recorded
+for that disc. A rerun skips studies whose located discs are all done and cuts and embeds only the
+missing discs of the others (each task row carries only its study's missing locations). Part files
+are named after the discs (or errors) they hold, so a batch Ray runs twice replaces its own file."""
 
 from __future__ import annotations
 
@@ -97,6 +102,9 @@ def crop_batch(batch: pd.DataFrame, cfg: EmbedJobConfig) -> dict[str, np.ndarray
     out = tables.locate(cfg.output, cfg.s3_endpoint)
     rule = SelectionRule(plane=cfg.plane, weighting=cfg.weighting)
     rows, errors = [], []
+    reported: set[tuple[str, str]] = set()
+    for reported_json in batch.get("reported", ()):
+        reported |= {tuple(r) for r in json.loads(reported_json)}
     for headers_json, locations_json in zip(batch["headers"], batch["locations"]):
         headers = [SliceHeader(**_tuples(h)) for h in json.loads(headers_json)]
         grouped, bad = series_by_study(headers)
@@ -107,7 +115,8 @@ def crop_batch(batch: pd.DataFrame, cfg: EmbedJobConfig) -> dict[str, np.ndarray
                 json.loads(locations_json)), rule, tuple(cfg.crop_shape), cfg.target_spacing_mm)
             rows += discs
             errors += more
-    write_errors(out, errors)
+    # A resumed study meets its earlier problems again (unreadable slices, say): record them once.
+    write_errors(out, [e for e in errors if (e.name, e.reason) not in reported])
     shape = (0, *cfg.crop_shape)
     return {"study_uid": np.array([d.study_uid for d in rows], dtype=object),
             "series_uid": np.array([d.series_uid for d in rows], dtype=object),
@@ -120,10 +129,23 @@ def _tuples(data: dict) -> dict:
 
 
 def write_errors(out: tables.TableLocation, errors: list[FileError]) -> None:
+    """One errors part, named after its errors: a crop task Ray re-runs replaces its own file."""
     if errors:
         now = utc_now()
         rows = [{**asdict(e), "recorded_at": now} for e in errors]
-        tables.write_table_atomically(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), out.child("errors"))
+        key = "\n".join(sorted(json.dumps([e.name, e.reason, e.study_uid, e.series_uid]) for e in errors))
+        tables.write_table_atomically(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), out.child("errors"),
+                                      key=key)
+
+
+def disc_key(study_uid: str, series_uid: str, level: str) -> str:
+    return f"{study_uid}|{series_uid}|{level}"
+
+
+def batch_key(study_uids, series_uids, levels) -> str:
+    """The name of a batch's embeddings part: its discs, in sorted order (the same discs give the
+    same file whatever order Ray hands them in)."""
+    return "\n".join(sorted(disc_key(*k) for k in zip(study_uids, series_uids, levels)))
 
 
 class EmbedActor:
@@ -144,8 +166,9 @@ class EmbedActor:
         vectors = self.embedder.embed(batch["pixels"])
         rows = pd.DataFrame({"study_uid": batch["study_uid"], "series_uid": batch["series_uid"],
                              "level": batch["level"], "embedding": list(vectors)})
-        tables.write_table_atomically(embedding_table(rows, self.embedder.weights_id),
-                                      self.out.child("embeddings"))
+        tables.write_table_atomically(
+            embedding_table(rows, self.embedder.weights_id), self.out.child("embeddings"),
+            key=batch_key(batch["study_uid"], batch["series_uid"], batch["level"]))
         return {"discs": np.array([len(vectors)])}
 
 
@@ -163,11 +186,12 @@ def embedding_table(rows: pd.DataFrame, weights_id: str) -> pa.Table:
 @dataclass
 class EmbedSummary:
     files: int
-    studies: int
-    studies_skipped_done: int
+    studies: int  # studies with discs to embed in this run (resumed ones included)
+    studies_skipped_done: int  # studies whose located discs were all done already
     discs_embedded: int
     seconds: float
     output: str
+    discs_skipped_done: int = 0  # located discs already embedded or recorded as crop errors
 
 
 def run_embed_job(cfg: EmbedJobConfig) -> EmbedSummary:
@@ -178,17 +202,17 @@ def run_embed_job(cfg: EmbedJobConfig) -> EmbedSummary:
     settings = job_settings(cfg)
     check_manifest(out, settings)
     locations = read_locations(cfg.locations, cfg.s3_endpoint)
-    done = set(tables.read_finished(out.child("embeddings"), ["study_uid"])["study_uid"])
+    previous = Previous.read(out)
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
     names = DicomStore.from_uri(cfg.dicom, cfg.s3_endpoint).names
     headers = _scan_headers(cfg, names, out)
-    tasks = _study_tasks(headers, locations, done, cfg.limit)
-    log.info("%d files, %d studies with locations to embed, %d already done",
-             len(names), len(tasks), len(done))
+    tasks, skipped = _study_tasks(headers, locations, previous, cfg.limit)
+    log.info("%d files, %d studies with discs to embed, %d studies (%d discs) already done",
+             len(names), len(tasks), skipped.studies, skipped.discs)
     discs = _embed_studies(cfg, tasks) if tasks else 0
-    summary = EmbedSummary(len(names), len(tasks), len(done), discs, round(time.monotonic() - started, 2),
-                           cfg.output)
+    summary = EmbedSummary(len(names), len(tasks), skipped.studies, discs,
+                           round(time.monotonic() - started, 2), cfg.output, skipped.discs)
     log.info("done: %s (code %s)", asdict(summary), code_version())
     return summary
 
@@ -204,21 +228,79 @@ def _scan_headers(cfg: EmbedJobConfig, names: list[str], out: tables.TableLocati
     return scanned[scanned["header"].notna()]
 
 
-def _study_tasks(headers: pd.DataFrame, locations: pd.DataFrame, done: set[str],
-                 limit: int | None) -> list[dict]:
-    """One task per study that has locations and is not done: its headers and its locations."""
+@dataclass
+class Previous:
+    """What earlier runs left in the output, study by study: the discs embedded as
+    {study: {(series_uid, level)}}, and the errors recorded as {study: rows of name, reason,
+    series_uid}."""
+
+    embedded: dict[str, set[tuple[str, str]]]
+    errors: dict[str, pd.DataFrame]
+
+    @classmethod
+    def read(cls, out: tables.TableLocation) -> "Previous":
+        rows = tables.read_finished(out.child("embeddings"), ["study_uid", "series_uid", "level"])
+        embedded: dict[str, set[tuple[str, str]]] = {}
+        for study, series, level in zip(rows["study_uid"], rows["series_uid"], rows["level"]):
+            embedded.setdefault(study, set()).add((series, level))
+        errors = tables.read_finished(out.child("errors"), ["name", "reason", "study_uid", "series_uid"])
+        errors = errors[errors["study_uid"].notna()]
+        return cls(embedded, {study: group for study, group in errors.groupby("study_uid")})
+
+    def done_discs(self, study: str, group: pd.DataFrame) -> pd.Series:
+        """Which of a study's location rows are done: embedded, or their crop failed with an
+        error recorded for that disc. A row naming no series ('*' or blank: the rule chose one)
+        matches that level in whichever series it was cut from."""
+        embedded = self.embedded.get(study, set())
+        errors = self.errors.get(study)
+        disc_errors = set() if errors is None else {
+            (series, str(reason)) for name, series, reason
+            in zip(errors["name"], errors["series_uid"], errors["reason"])
+            if name == f"study {study}" and str(reason).startswith("disc ")}  # study_disc_volumes
+        done = []
+        for series, level in zip(group["series_uid"], group["level"]):
+            named = str(series).strip() not in ("", "*")  # as series_for_locations reads it
+            prefix = f"disc {level}: "
+            done.append(
+                any(lv == level and (not named or se == series) for se, lv in embedded)
+                or any(r.startswith(prefix) and (not named or se == series) for se, r in disc_errors))
+        return pd.Series(done, index=group.index, dtype=bool)
+
+    def reported(self, study: str) -> list[list[str]]:
+        errors = self.errors.get(study)
+        return [] if errors is None else [[n, r] for n, r in zip(errors["name"], errors["reason"])]
+
+
+@dataclass
+class Skipped:
+    studies: int = 0  # every located disc done
+    discs: int = 0  # located discs done (in those studies and in resumed ones)
+
+
+def _study_tasks(headers: pd.DataFrame, locations: pd.DataFrame, previous: Previous,
+                 limit: int | None) -> tuple[list[dict], Skipped]:
+    """One task per study that has locations and discs still to do: its headers, the locations of
+    its missing discs only, and the errors already recorded for it (not to record them twice)."""
     parsed = [json.loads(h) for h in headers["header"]]
     by_study: dict[str, list[dict]] = {}
     for h in parsed:
         by_study.setdefault(h["study_uid"], []).append(h)
-    tasks = []
+    tasks, skipped = [], Skipped()
     for study, group in locations.groupby("study_uid"):
-        if study in done or study not in by_study:
-            if study not in by_study:
-                log.warning("study %s in the locations table has no readable images", study)
+        if study not in by_study:
+            log.warning("study %s in the locations table has no readable images", study)
             continue
-        tasks.append({"headers": json.dumps(by_study[study]), "locations": group.to_json(orient="records")})
-    return tasks[:limit] if limit else tasks
+        done = previous.done_discs(study, group)
+        skipped.discs += int(done.sum())
+        if done.all():
+            skipped.studies += 1
+            continue
+        if done.any():
+            log.info("study %s: resuming, %d of %d discs done", study, int(done.sum()), len(group))
+        tasks.append({"headers": json.dumps(by_study[study]),
+                      "locations": group[~done].to_json(orient="records"),
+                      "reported": json.dumps(previous.reported(study))})
+    return (tasks[:limit] if limit else tasks), skipped
 
 
 def _embed_studies(cfg: EmbedJobConfig, tasks: list[dict]) -> int:
