@@ -7,15 +7,21 @@ no finished row and duplicates none. Bad rows go to an errors table and never st
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 
+from ray_app import placement, resume
 from ray_app import report_tables as tables
+from ray_app.placement import Placement
 from ray_app.calibration import Calibration, CalibrationError
 from ray_app.conditions import Condition, load_conditions
 from ray_app.engines import EngineConfig, make_engine
@@ -50,9 +56,12 @@ class LabelJobConfig:
     reports_per_batch: int = field(default=64, metadata={"doc": "Reports per actor call (one file)."})
     min_actors: int = field(default=1, metadata={"doc": "Engine actors kept running."})
     max_actors: int | None = field(
-        default=None, metadata={"doc": "Autoscaling ceiling; None: GPUs in the cluster, or 1."}
-    )
-    cpus_per_actor: float = field(default=1.0, metadata={"doc": "CPU actors: CPUs reserved each."})
+        default=None, metadata={"doc": "Autoscaling ceiling; None: the GPUs the cluster can "
+                                "reach (autoscaler included), or the CPUs it has less one."})
+    cpus_per_actor: float = field(default=1.0, metadata={"doc": "CPUs reserved by each actor."})
+    engine_restarts: int = field(default=3, metadata={
+        "doc": "Times Ray restarts an engine actor that died (a crashed process, a lost node, an "
+               "engine that stopped answering) before the job stops with the cause."})
     s3_endpoint: str | None = field(default=None, metadata={"doc": "S3-compatible endpoint URL."})
     limit: int | None = field(default=None, metadata={"doc": "Only the first N input rows (trials)."})
     progress_every_s: float = field(default=10.0, metadata={"doc": "Seconds between progress logs."})
@@ -67,6 +76,7 @@ class JobSummary:
     skipped_done: int
     seconds: float
     output: str
+    actor_peak_rss_mb: float = 0.0  # the largest engine actor's peak resident memory
 
 
 class ResumeError(RuntimeError):
@@ -151,79 +161,140 @@ def check_resume(out: tables.TableLocation, manifest: dict[str, Any]) -> None:
     tables.write_manifest(out, manifest)
 
 
-def finished_keys(out: tables.TableLocation) -> tuple[set[tuple[str, str]], set[str]]:
-    """(report_id, condition) pairs already labelled, and row keys already in the errors table."""
-    labels = tables.read_finished(out.child("labels"), ["report_id", "condition"])
-    errors = tables.read_finished(out.child("errors"), ["row_key", "condition"])
-    row_errors = errors[errors["condition"].isna()]["row_key"]
-    return set(zip(labels["report_id"], labels["condition"])), set(row_errors)
+class EngineDeadError(RuntimeError):
+    """The engine stopped answering (not one report's problem): the actor must be replaced."""
 
 
 class LabelActor:
-    """Ray Data callable class: one engine per actor, loaded once."""
+    """Ray Data callable class: one engine per actor, loaded once. It holds its batch and
+    nothing else: the planning step (`resume.plan_batch`) has already left out finished work."""
 
-    def __init__(self, cfg: LabelJobConfig, done: set, errored: set, duplicates: dict[str, int]):
+    def __init__(self, cfg: LabelJobConfig):
         self.cfg = cfg
-        self.done, self.errored, self.duplicates = done, errored, duplicates
         self.labeller = make_labeller(cfg)
-        self.condition_names = list(self.labeller.conditions)
         self.out = tables.locate(cfg.output, cfg.s3_endpoint)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         tasks, errors = self._check_rows(batch)
-        rows = self._label(tasks, errors)
+        try:
+            rows = self._label(tasks, errors)
+        except EngineDeadError as err:
+            self._die(err)
+        # One name per batch, from its rows' keys: a batch that Ray re-runs after its first
+        # run wrote these files replaces them instead of adding duplicates.
+        key = _batch_key(batch, self.cfg)
         if errors:  # errors first: a crash between the writes only repeats error rows' checks
             table = pa.Table.from_pylist(errors, schema=tables.ERROR_SCHEMA)
-            tables.write_table_atomically(table, self.out.child("errors"))
+            tables.write_table_atomically(table, self.out.child("errors"), key=key)
         if rows:
             table = pa.Table.from_pylist(rows, schema=tables.LABEL_SCHEMA)
-            tables.write_table_atomically(table, self.out.child("labels"))
+            tables.write_table_atomically(table, self.out.child("labels"), key=key)
         return pd.DataFrame({"reports": [len(tasks)], "rows": [len(rows)], "errors": [len(errors)],
-                             "seen": [len(batch)]})
+                             "seen": [len(batch)], "peak_rss_mb": [peak_rss_mb()]})
 
     def _check_rows(self, batch: pd.DataFrame) -> tuple[list[ReportTask], list[dict]]:
         tasks, errors = [], []
-        for raw_id, text in zip(batch[self.cfg.id_column], batch[self.cfg.text_column]):
+        for raw_id, text, todo, count in zip(batch[self.cfg.id_column], batch[self.cfg.text_column],
+                                             batch[resume.TODO_COLUMN], batch[resume.DUPLICATES_COLUMN]):
             report_id = tables.clean_id(raw_id)
-            key = tables.row_key(report_id, text)
-            if key in self.errored:
-                continue
-            problem = self._row_problem(report_id, text)
+            problem = self._row_problem(report_id, text, int(count))
             if problem:
-                errors.append(_error(key, report_id, None, problem, text))
-                continue
-            todo = tuple(c for c in self.condition_names if (report_id, c) not in self.done)
-            if todo:
-                tasks.append(ReportTask(report_id, text, todo))
+                errors.append(_error(tables.row_key(report_id, text), report_id, None, problem, text))
+            elif todo:
+                tasks.append(ReportTask(report_id, text, tuple(todo.split(resume.TODO_SEP))))
         return tasks, errors
 
-    def _row_problem(self, report_id: str | None, text: object) -> str | None:
+    def _row_problem(self, report_id: str | None, text: object, id_count: int) -> str | None:
         if report_id is None:
             return f"missing id in column {self.cfg.id_column!r}; give every report a unique id"
-        if report_id in self.duplicates:
-            return (f"id appears {self.duplicates[report_id]} times in the input, so none of "
+        if id_count > 1:
+            return (f"id appears {id_count} times in the input, so none of "
                     "those rows was labelled; make ids unique and rerun")
         return tables.text_problem(text)
 
     def _label(self, tasks: list[ReportTask], errors: list[dict]) -> list[dict]:
         """Label the batch; if the engine fails, retry report by report so one bad report
-        cannot take its batch down with it."""
+        cannot take its batch down with it, unless the engine no longer answers at all."""
         if not tasks:
             return []
         try:
             return self.labeller.label(tasks)
-        except Exception:  # noqa: BLE001 - isolate the failing report below
-            log.exception("batch of %d reports failed; retrying one by one", len(tasks))
+        except Exception as err:  # noqa: BLE001 - isolate the failing report below
+            log.warning("batch of %d reports failed (%s: %s); retrying one by one",
+                        len(tasks), type(err).__name__, err)
+            self._check_engine(err)
         rows = []
         for task in tasks:
             try:
                 rows.extend(self.labeller.label([task]))
             except Exception as err:  # noqa: BLE001 - recorded in the errors table
+                self._check_engine(err)
                 for condition in task.conditions or ():
                     errors.append(_error(tables.row_key(task.report_id, task.text),
                                          task.report_id, condition,
                                          f"engine failed: {type(err).__name__}: {err}", task.text))
         return rows
+
+    def _check_engine(self, failure: Exception) -> None:
+        """A report that makes the engine raise is that report's problem; an engine that
+        cannot answer a plain question either (a CUDA fault, a dead vLLM engine core, an
+        out-of-memory state that does not clear) is dead, and no report is to blame."""
+        probe = ReportTask("engine-probe", PROBE_REPORT, (next(iter(self.labeller.conditions)),))
+        try:
+            self.labeller.label([probe])
+        except Exception as err:  # noqa: BLE001 - the engine itself is broken
+            raise EngineDeadError(f"{type(failure).__name__}: {failure}") from err
+
+    def _die(self, err: EngineDeadError) -> None:
+        """Leave the cause where the driver finds it, then end this process: Ray restarts
+        the actor (a new process: a fresh engine, a clean CUDA context) and re-runs the batch,
+        up to `engine_restarts` times; nothing of this batch was written."""
+        log.error("engine dead, restarting the actor: %s", err)
+        record_engine_failure(self.out, str(err))
+        os._exit(ENGINE_DEAD_EXIT)
+
+
+PROBE_REPORT = "FINDINGS: Normal study. IMPRESSION: No abnormality."
+ENGINE_DEAD_EXIT = 70
+
+
+def _batch_key(batch: pd.DataFrame, cfg: LabelJobConfig) -> str:
+    keys = (f"{tables.row_key(tables.clean_id(i), t)}|{todo}" for i, t, todo in
+            zip(batch[cfg.id_column], batch[cfg.text_column], batch[resume.TODO_COLUMN]))
+    return "\n".join(sorted(keys))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+FAILURES = "engine_failures"
+
+
+def record_engine_failure(out: tables.TableLocation, cause: str) -> None:
+    loc = out.child(FAILURES)
+    loc.fs.create_dir(loc.path, recursive=True)
+    record = {"cause": cause, "host": socket.gethostname(), "pid": os.getpid(), "at": utc_now()}
+    with loc.fs.open_output_stream(f"{loc.path}/{time.time_ns()}-{os.getpid()}.json") as f:
+        f.write(json.dumps(record).encode())
+
+
+def engine_failures_since(out: tables.TableLocation, started_ns: int) -> list[dict]:
+    """Engine deaths the actors recorded since the run started, oldest first."""
+    loc = out.child(FAILURES)
+    try:
+        found = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    except OSError:
+        return []
+    records = []
+    for info in sorted(found, key=lambda f: f.base_name):
+        if info.base_name.endswith(".json") and int(info.base_name.split("-")[0]) >= started_ns:
+            with loc.fs.open_input_stream(info.path) as f:
+                records.append(json.loads(f.read()))
+    return records
 
 
 def _error(key: str, report_id: str | None, condition: str | None, reason: str, text: object):
@@ -265,92 +336,118 @@ def _parse_json_batch(batch: pa.Table, columns: list[str], id_column: str) -> pd
     return tables.parse_json_lines(batch.column("text").to_pylist(), columns, id_column)
 
 
-def _actor_resources(cfg: LabelJobConfig) -> tuple[dict[str, float], int, EngineConfig]:
-    """Per-actor resources, the pool's ceiling and the actors' engine settings: one engine per
-    GPU (or TP group) where the cluster has GPUs; otherwise CPU actors sized so that read tasks
-    keep a CPU to run on."""
-    import ray
+def actor_placement(cfg: LabelJobConfig) -> Placement:
+    """Engine actors' resources from the configuration (placement.py): one engine per
+    `tensor_parallel_size` GPUs when the job runs on GPUs, whatever the cluster holds now; the
+    rule baseline never asks for a GPU. CPU actors leave a CPU for the read tasks."""
+    capacity = placement.cluster_capacity()
+    device = "cpu" if cfg.method == rules.METHOD else cfg.engine.device
+    return placement.plan(device, capacity, gpus_per_worker=cfg.engine.tensor_parallel_size,
+                          cpus_per_worker=cfg.cpus_per_actor, max_workers=cfg.max_actors,
+                          spare_cpus=1)
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus and cfg.engine.device != "cpu" and cfg.method != rules.METHOD:
-        per_actor = cfg.engine.tensor_parallel_size
-        return {"num_gpus": per_actor}, cfg.max_actors or max(1, int(gpus // per_actor)), cfg.engine
-    cpus = ray.cluster_resources().get("CPU", 1)
-    ceiling = cfg.max_actors or max(1, int((cpus - 1) // cfg.cpus_per_actor))
-    engine = cfg.engine
-    if engine.cpu_threads is None:
-        # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1), which would halve a CPU
-        # engine's speed; the read tasks are cheap, so let each actor use its share of cores.
-        per_node = max(int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes())
-        engine = replace(engine, cpu_threads=max(1, per_node // max(1, min(ceiling, per_node))))
-    return {"num_cpus": cfg.cpus_per_actor}, ceiling, engine
+
+class EngineFailedError(RuntimeError):
+    """The engine actors kept dying: the job stops; every row written so far is kept."""
 
 
 def run_label_job(cfg: LabelJobConfig) -> JobSummary:
-    started = time.monotonic()
+    started, started_ns = time.monotonic(), time.time_ns()
     src, out = tables.locate(cfg.input, cfg.s3_endpoint), tables.locate(cfg.output, cfg.s3_endpoint)
     fmt = tables.table_format(cfg.input, cfg.input_format)
     conditions = load_conditions(cfg.conditions)
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
     check_resume(out, _manifest(cfg, conditions, calibration))
-    ids = tables.read_column(src, fmt, cfg.id_column)
     tables.require_column(src, fmt, cfg.text_column)  # fail fast on a wrong --text-column
-    duplicates = tables.duplicated_ids(ids)
-    done, errored = finished_keys(out)
-    log.info("%s: %d rows, %d duplicated ids; %d (report, condition) pairs already labelled",
-             cfg.input, len(ids), len(duplicates), len(done))
+    state = resume.finished_state(out)
+    scan = resume.scan_ids(lambda: tables.iter_column(src, fmt, cfg.id_column),
+                           [c.name for c in conditions], state.done)
+    state.duplicates = scan.duplicates
+    log.info("%s: %d rows, %d duplicated ids; %d (report, condition) pairs already labelled, "
+             "%d to do", cfg.input, scan.rows, len(scan.duplicates), state.done_pairs,
+             scan.pairs_to_do)
     totals = {"reports": 0, "rows": 0, "errors": 0}
-    if _work_left(ids, duplicates, done, conditions, cfg.limit):
-        totals = _run_pipeline(cfg, src, fmt, len(ids), done, errored, duplicates)
+    if cfg.limit or scan.duplicates or scan.missing_ids or scan.pairs_to_do:
+        try:
+            totals = _run_pipeline(cfg, src, fmt, scan.rows, state)
+        except Exception as err:
+            failures = engine_failures_since(out, started_ns)
+            if not failures:
+                raise
+            raise EngineFailedError(
+                f"the engine died {len(failures)} time(s) and Ray gave up after "
+                f"{cfg.engine_restarts} restart(s) of an actor; last cause: "
+                f"{failures[-1]['cause']} (on {failures[-1]['host']}). Every row written to "
+                f"{cfg.output} is kept: fix the cause and rerun the same command to resume"
+            ) from err
     else:
         log.info("every report already has every condition in %s: nothing to do", cfg.output)
     summary = JobSummary(
-        input_rows=len(ids), reports_labelled=totals["reports"], label_rows=totals["rows"],
-        error_rows=totals["errors"], skipped_done=len(done), output=cfg.output,
+        input_rows=scan.rows, reports_labelled=totals["reports"], label_rows=totals["rows"],
+        error_rows=totals["errors"], skipped_done=state.done_pairs, output=cfg.output,
         seconds=round(time.monotonic() - started, 2),
+        actor_peak_rss_mb=totals.get("peak_rss_mb", 0.0),
     )
     log.info("done: %s (code %s)", asdict(summary), code_version())
     return summary
 
 
-def _work_left(ids, duplicates: dict, done: set, conditions, limit: int | None) -> bool:
-    """False only when every row has an id, no id is duplicated, and every (id, condition) is
-    written: then the model need not even be loaded. Otherwise the actors sort it out."""
-    if limit or duplicates or ids.null_count:
-        return True
-    names = [c.name for c in conditions]
-    return any((tables.clean_id(i), n) not in done for i in ids.to_pylist() for n in names)
-
-
-def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, n_rows: int, done: set, errored: set,
-                  duplicates: dict) -> dict[str, int]:
+def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, n_rows: int,
+                  state: resume.ResumeState) -> dict[str, float]:
     import ray
     import ray.data
 
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
-    resources, ceiling, engine = _actor_resources(cfg)
-    stats = _read_reports(cfg, src, fmt).map_batches(
+    where = actor_placement(cfg)
+    log.info("engine actors: %s each, up to %d (%s)", where.remote_args(), where.max_workers,
+             "GPU" if where.use_gpu else "CPU")
+    engine = cfg.engine
+    if not where.use_gpu and engine.cpu_threads is None:
+        engine = replace(engine, cpu_threads=where.cpu_threads)
+    # The finished keys go to the object store once; the planning step reads them zero-copy.
+    state_ref = ray.put(state)
+    planned = _read_reports(cfg, src, fmt).map_batches(
+        _plan_batch, fn_kwargs={"cfg": cfg, "conditions": _condition_names(cfg),
+                                "state": state_ref},
+        batch_format="pandas", batch_size=None)
+    stats = planned.map_batches(
         LabelActor,
-        fn_constructor_kwargs={"cfg": replace(cfg, engine=engine), "done": done,
-                               "errored": errored, "duplicates": duplicates},
-        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, ceiling), max_size=ceiling),
-        batch_size=cfg.reports_per_batch, batch_format="pandas", **resources,
+        fn_constructor_kwargs={"cfg": replace(cfg, engine=engine)},
+        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, where.max_workers),
+                                           max_size=where.max_workers),
+        batch_size=cfg.reports_per_batch, batch_format="pandas",
+        # Ray restarts a dead actor and re-runs its batch; a batch re-run replaces its files.
+        max_restarts=cfg.engine_restarts, max_task_retries=-1, **where.remote_args(),
     )
     return _follow_progress(stats, n_rows if not cfg.limit else min(cfg.limit, n_rows), cfg)
 
 
-def _follow_progress(stats, expected_rows: int, cfg: LabelJobConfig) -> dict[str, int]:
+def _condition_names(cfg: LabelJobConfig) -> list[str]:
+    return [c.name for c in load_conditions(cfg.conditions)]
+
+
+def _plan_batch(batch: pd.DataFrame, cfg: LabelJobConfig, conditions: list[str],
+                state) -> pd.DataFrame:
+    import ray
+
+    if isinstance(state, ray.ObjectRef):
+        state = ray.get(state)
+    return resume.plan_batch(batch, cfg.id_column, cfg.text_column, conditions, state)
+
+
+def _follow_progress(stats, expected_rows: int, cfg: LabelJobConfig) -> dict[str, float]:
     """Drive the pipeline and log progress every few seconds."""
     totals = {"reports": 0, "rows": 0, "errors": 0, "seen": 0}
+    peak = 0.0
     started = last = time.monotonic()
     for batch in stats.iter_batches(batch_size=None, batch_format="pandas"):
         for key in totals:
             totals[key] += int(batch[key].sum())
+        peak = max(peak, float(batch["peak_rss_mb"].max()))
         now = time.monotonic()
         if now - last >= cfg.progress_every_s:
             last = now
-            log.info("progress: %d/%d input rows, %d reports labelled, %d errors, %.1f rows/s",
-                     totals["seen"], expected_rows, totals["reports"], totals["errors"],
-                     totals["seen"] / (now - started))
-    return totals
+            log.info("progress: %d reports labelled, %d errors, %.1f reports/s",
+                     totals["reports"], totals["errors"], totals["reports"] / (now - started))
+    return {**totals, "peak_rss_mb": peak}

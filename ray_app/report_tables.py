@@ -13,6 +13,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -123,14 +124,21 @@ def parse_json_lines(lines: list[str], columns: list[str], id_column: str) -> pd
 
 
 def read_column(loc: TableLocation, fmt: str, column: str) -> pa.ChunkedArray:
-    """One column of the whole input, as strings (the driver's cheap pass over ids)."""
+    """One column of the whole input, as strings."""
+    return pa.chunked_array(list(iter_column(loc, fmt, column)), type=pa.string())
+
+
+def iter_column(loc: TableLocation, fmt: str, column: str) -> Iterator[pa.Array]:
+    """One column of the whole input as string arrays, batch by batch (the driver's cheap
+    pass over ids: it never holds the whole column)."""
     if fmt == "json":
         values = [r.get(column) for r in _json_records(loc)]
         if all(_missing(v) for v in values):
             raise KeyError(_no_column(loc, column, None))
-        return pa.chunked_array([pa.array(_id_strings(values), type=pa.string())])
-    dataset = _arrow_dataset(loc, fmt, column)
-    return dataset.to_table(columns=[column]).column(column).cast(pa.string())
+        yield pa.array(_id_strings(values), type=pa.string())
+        return
+    for batch in _arrow_dataset(loc, fmt, column).to_batches(columns=[column]):
+        yield batch.column(0).cast(pa.string())
 
 
 def require_column(loc: TableLocation, fmt: str, column: str) -> None:
@@ -182,14 +190,6 @@ def _parse_line(line: str) -> dict | None:
     return record if isinstance(record, dict) else {}
 
 
-def duplicated_ids(ids: pa.ChunkedArray) -> dict[str, int]:
-    """Ids that occur more than once, with their counts."""
-    # The ids as clean_id sees them: ' 7' and '7' are the same report.
-    cleaned = pd.Series(ids.to_pandas(), dtype=object).dropna().astype(str).str.strip()
-    counts = cleaned[cleaned != ""].value_counts()
-    return {str(k): int(v) for k, v in counts[counts > 1].items()}
-
-
 def row_key(report_id: str | None, text: object) -> str:
     """Stable key of an input row: its id and a hash of its text, so a row that the user fixes
     (new text, or a new id) is checked again on the next run instead of being skipped."""
@@ -225,17 +225,22 @@ def text_problem(value: object) -> str | None:
     return None
 
 
-def write_table_atomically(table: pa.Table, loc: TableLocation, prefix: str = "part") -> str:
+def write_table_atomically(table: pa.Table, loc: TableLocation, prefix: str = "part",
+                           key: str | None = None) -> str:
     """Write one Parquet file that readers either see whole or not at all.
 
+    `key` names the file after the work it holds (a batch's row keys, say): when Ray re-runs a
+    batch whose first run wrote its file but died before returning, the second run replaces
+    that file instead of adding a duplicate. Without a key the name is random.
     Local files are written under a hidden temporary name and renamed; S3 objects only appear
     when their upload completes, so they are written in place.
     """
     loc.fs.create_dir(loc.path, recursive=True)
-    name = f"{prefix}-{uuid.uuid4().hex}.parquet"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32] if key is not None else uuid.uuid4().hex
+    name = f"{prefix}-{digest}.parquet"
     final = f"{loc.path}/{name}"
     if isinstance(loc.fs, pafs.LocalFileSystem):
-        temp = f"{loc.path}/.{name}.tmp"
+        temp = f"{loc.path}/.{name}.{uuid.uuid4().hex}.tmp"  # two runs of one batch may overlap
         pq.write_table(table, temp, filesystem=loc.fs)
         loc.fs.move(temp, final)
     else:
@@ -259,18 +264,28 @@ def write_manifest(out: TableLocation, manifest: dict) -> None:
         f.write(json.dumps({**manifest, "updated_at": utc_now()}, indent=2).encode())
 
 
-def read_finished(loc: TableLocation, columns: list[str]) -> pd.DataFrame:
+def read_finished(loc: TableLocation, columns: list[str] | None) -> pd.DataFrame:
     """Columns of every finished Parquet part under `loc` (temporary files are ignored)."""
-    try:
-        info = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
-    except (FileNotFoundError, OSError):
-        return pd.DataFrame(columns=columns)
-    parts = [f.path for f in info if f.is_file and f.base_name.endswith(".parquet")
-             and not f.base_name.startswith(".")]
+    parts = _finished_parts(loc)
     if not parts:
         return pd.DataFrame(columns=columns)
     frames = [pq.read_table(p, columns=columns, filesystem=loc.fs).to_pandas() for p in parts]
     return pd.concat(frames, ignore_index=True)
+
+
+def iter_finished(loc: TableLocation, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The same, batch by batch: memory for one batch, however many rows are finished."""
+    for path in _finished_parts(loc):
+        yield from pq.ParquetFile(loc.fs.open_input_file(path)).iter_batches(columns=columns)
+
+
+def _finished_parts(loc: TableLocation) -> list[str]:
+    try:
+        info = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return []
+    return sorted(f.path for f in info if f.is_file and f.base_name.endswith(".parquet")
+                  and not f.base_name.startswith("."))
 
 
 def read_label_rows(uri: str, s3_endpoint: str | None = None) -> pd.DataFrame:

@@ -124,19 +124,6 @@ def test_read_column_missing_column_names_the_flags(tmp_path, fmt):
 
 # --- row checks -----------------------------------------------------------------------------
 
-def test_duplicated_ids_counts_only_repeated_ids():
-    ids = pa.chunked_array([["a", "b", "a", None, None, "c", "a", "b"]])
-    assert tables.duplicated_ids(ids) == {"a": 3, "b": 2}
-    assert tables.duplicated_ids(pa.chunked_array([["a", "b"]])) == {}
-
-
-def test_duplicated_ids_sees_ids_as_clean_id_does():
-    # ' 7' and '7' become the same report id: both must be reported as duplicates.
-    ids = pa.chunked_array([["7", " 7 ", "", "  ", "8"]])
-    assert tables.duplicated_ids(ids) == {"7": 2}
-    assert tables.clean_id(" 7 ") == "7"
-
-
 def test_row_key_is_stable_and_follows_text_and_id():
     key = tables.row_key("r1", TEXT)
     assert key == tables.row_key("r1", TEXT)
@@ -191,6 +178,26 @@ def test_write_table_atomically_leaves_only_the_finished_file(tmp_path):
     assert files == sorted([first.rsplit("/", 1)[1], second.rsplit("/", 1)[1]])
     assert all(f.startswith("part-") and f.endswith(".parquet") for f in files)
     assert pq.read_table(first).schema.equals(tables.LABEL_SCHEMA)
+
+
+def test_a_keyed_write_replaces_its_own_file(tmp_path):
+    """A batch Ray re-runs writes under the same key: one file, not a duplicate."""
+    loc = tables.locate(str(tmp_path / "out")).child("labels")
+    first = tables.write_table_atomically(_label_table(["a", "b"]), loc, key="batch-1")
+    again = tables.write_table_atomically(_label_table(["a", "b"]), loc, key="batch-1")
+    other = tables.write_table_atomically(_label_table(["c"]), loc, key="batch-2")
+    assert first == again != other
+    assert sorted(tables.read_finished(loc, ["report_id"])["report_id"]) == ["a", "b", "c"]
+    assert not [p for p in (tmp_path / "out" / "labels").iterdir() if p.name.startswith(".")]
+
+
+def test_iter_finished_streams_every_part(tmp_path):
+    loc = tables.locate(str(tmp_path)).child("labels")
+    tables.write_table_atomically(_label_table(["a", "b"]), loc)
+    tables.write_table_atomically(_label_table(["c"]), loc)
+    ids = [i for b in tables.iter_finished(loc, ["report_id"]) for i in b["report_id"].to_pylist()]
+    assert sorted(ids) == ["a", "b", "c"]
+    assert list(tables.iter_finished(tables.locate(str(tmp_path / "none")), ["report_id"])) == []
 
 
 def test_read_finished_ignores_temporary_and_hidden_files(tmp_path):
