@@ -17,7 +17,7 @@ from dataclasses import fields
 import yaml
 
 from ray_app.engines import EngineConfig
-from ray_app.label_job import LabelJobConfig, run_label_job
+from ray_app.label_job import EngineFailedError, LabelJobConfig, run_label_job
 
 _ENGINE_FLAGS = ("engine", "model", "dtype", "device", "batch_size", "generate_batch_size",
                  "draft_tokens", "max_context_tokens", "max_new_tokens", "repetition_penalty",
@@ -67,7 +67,10 @@ def main(argv: list[str]) -> None:
 
         run_embedded_default("ray_app_output/sample")
         return
-    summary = run_label_job(build_config(parse_args(argv)))
+    try:
+        summary = run_label_job(build_config(parse_args(argv)))
+    except EngineFailedError as err:  # the cause, not Ray's traceback of the dead actor
+        raise SystemExit(f"label job stopped: {err}") from None
     print(summary)
 
 

@@ -340,11 +340,10 @@ def actor_placement(cfg: LabelJobConfig) -> Placement:
     """Engine actors' resources from the configuration (placement.py): one engine per
     `tensor_parallel_size` GPUs when the job runs on GPUs, whatever the cluster holds now; the
     rule baseline never asks for a GPU. CPU actors leave a CPU for the read tasks."""
-    capacity = placement.cluster_capacity()
     device = "cpu" if cfg.method == rules.METHOD else cfg.engine.device
-    return placement.plan(device, capacity, gpus_per_worker=cfg.engine.tensor_parallel_size,
-                          cpus_per_worker=cfg.cpus_per_actor, max_workers=cfg.max_actors,
-                          spare_cpus=1)
+    return placement.place(device, gpus_per_worker=cfg.engine.tensor_parallel_size,
+                           cpus_per_worker=cfg.cpus_per_actor, max_workers=cfg.max_actors,
+                           spare_cpus=1)
 
 
 class EngineFailedError(RuntimeError):
@@ -400,8 +399,6 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, n_rows: int,
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
     where = actor_placement(cfg)
-    log.info("engine actors: %s each, up to %d (%s)", where.remote_args(), where.max_workers,
-             "GPU" if where.use_gpu else "CPU")
     engine = cfg.engine
     if not where.use_gpu and engine.cpu_threads is None:
         engine = replace(engine, cpu_threads=where.cpu_threads)

@@ -125,3 +125,16 @@ def gpus_in_autoscaling_config(path: str) -> float:
         gpus = (node_type.get("resources") or {}).get("GPU", 0)
         total += gpus * node_type.get("max_workers", config.get("max_workers", 0))
     return total
+
+
+def device_for(use_gpu: bool | None) -> str:
+    """A `use_gpu` setting (None: decide) as a device."""
+    return "auto" if use_gpu is None else ("cuda" if use_gpu else "cpu")
+
+
+def place(device: str, **settings: Any) -> Placement:
+    """`plan` on the connected Ray cluster: what every job calls."""
+    where = plan(device, cluster_capacity(), **settings)
+    log.info("%s workers: %s each, up to %d", "GPU" if where.use_gpu else "CPU",
+             where.remote_args(), where.max_workers)
+    return where

@@ -17,7 +17,9 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
 
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -84,25 +86,86 @@ def make_labeller(args: AppArgs) -> Labeller:
                     calibrate_every_condition=False)
 
 
+class EngineQueue:
+    """A replica's engine, called on one thread the replica owns, one call at a time (engines are
+    not thread-safe), so that the replica's event loop stays free while the model works: requests
+    keep arriving and health / info calls answer. Tasks submitted while a call runs wait, and the
+    next call takes them all together (at most `max_batch_size`)."""
+
+    def __init__(self, label: Callable[[Sequence[ReportTask]], list[dict]], max_batch_size: int):
+        self._label = label
+        self.max_batch_size = max_batch_size
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._pending: deque[tuple[ReportTask, asyncio.Future]] = deque()
+        self._runner: asyncio.Task | None = None
+        self.calls = self.tasks = 0
+
+    def submit(self, tasks: Sequence[ReportTask]) -> list[asyncio.Future]:
+        """One future per task, resolved with the task's rows (or the engine's exception)."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in tasks]
+        self._pending.extend(zip(tasks, futures))
+        if self._runner is None or self._runner.done():
+            self._runner = loop.create_task(self._run())
+        return futures
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            chunk = []
+            while self._pending and len(chunk) < self.max_batch_size:
+                task, future = self._pending.popleft()
+                if not future.done():  # done here: its caller gave up (cancelled)
+                    chunk.append((task, future))
+            if not chunk:
+                continue
+            self.calls += 1
+            self.tasks += len(chunk)
+            try:
+                rows = await loop.run_in_executor(self._executor, self._label,
+                                                  [task for task, _ in chunk])
+            except asyncio.CancelledError:  # the replica is shutting down
+                for _, future in (*chunk, *self._pending):
+                    future.cancel()
+                self._pending.clear()
+                raise
+            except Exception as err:  # the engine failed: every request of this call gets it
+                for _, future in chunk:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            by_report: dict[str, list[dict]] = defaultdict(list)
+            for row in rows:
+                by_report[row["report_id"]].append(row)
+            for task, future in chunk:
+                if not future.done():
+                    future.set_result(by_report[task.report_id])
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=256)
 class LabellerDeployment:
-    """The LLM. Requests that arrive together are labelled in one engine call."""
+    """The LLM. Requests that arrive together are labelled in one engine call; the engine runs off
+    the replica's event loop, and requests that arrive while it runs go into its next call."""
 
     def __init__(self, args: AppArgs):
         self.labeller = make_labeller(args)
+        self.engine = EngineQueue(self.labeller.label, args.max_batch_size)
         self._label_batch.set_max_batch_size(args.max_batch_size)
         self._label_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
-        self.batches = self.requests = 0
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _label_batch(self, tasks: list[ReportTask]) -> list[list[dict]]:
-        self.batches += 1
-        self.requests += len(tasks)
-        rows = self.labeller.label(tasks)
-        return [[r for r in rows if r["report_id"] == t.report_id] for t in tasks]
+    async def _label_batch(self, tasks: list[ReportTask]) -> list[asyncio.Future]:
+        # Hands the batch to the engine queue and returns at once, without waiting for the
+        # engine: serve.batch runs one batch at a time (max_concurrent_batches=1), and a batch
+        # that held that slot for a whole engine call would leave requests arriving meanwhile to
+        # form many small batches of `batch_wait_timeout_s` each, queued behind it one by one.
+        return self.engine.submit(tasks)
 
     async def label(self, task: ReportTask) -> list[dict]:
-        return await self._label_batch(task)
+        return await (await self._label_batch(task))
 
     def info(self) -> dict:
         calibration = self.labeller.calibration
@@ -110,7 +173,11 @@ class LabellerDeployment:
         return {"served": list(self.labeller.conditions), "calibrated": calibrated,
                 "model": self.labeller.engine.model_id, "method": self.labeller.method,
                 "calibration_id": calibration.calibration_id if calibration else None,
-                "batches": self.batches, "requests": self.requests}
+                "batches": self.engine.calls, "requests": self.engine.tasks}
+
+    def __del__(self):
+        if hasattr(self, "engine"):
+            self.engine.close()
 
 
 @serve.deployment(max_ongoing_requests=4, max_queued_requests=32)

@@ -495,3 +495,36 @@ def test_engine_failure_sends_only_that_report_to_errors(tmp_path):
     # Engine failures are per condition, so a rerun tries that report again (and only it).
     again = run_label_job(cfg)
     assert (again.reports_labelled, again.label_rows, again.error_rows) == (1, 0, 2)
+
+
+# --- (h) an engine that is dead, not a bad report -------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_dead_engine_stops_the_job_with_its_cause_and_a_rerun_resumes(tmp_path):
+    from ray_app.label_job import EngineFailedError
+
+    reports = tmp_path / "reports.csv"
+    pd.DataFrame(_good_rows()).to_csv(reports, index=False)
+    flag = tmp_path / "gpu-broken"
+    engine = EngineConfig(engine="fault_engines:DeadEngine", model="m",
+                          engine_kwargs={"broken_flag": str(flag)})
+    cfg = LabelJobConfig(input=str(reports), output=str(tmp_path / "out"),
+                         conditions=["spinal_cancer"], reports_per_batch=2, engine=engine,
+                         engine_restarts=1)
+    first = run_label_job(dataclasses.replace(cfg, limit=4))
+    assert first.label_rows == 4
+
+    flag.touch()  # the GPU goes bad: every call fails, whatever the report
+    with pytest.raises(EngineFailedError) as failure:
+        run_label_job(cfg)
+    message = str(failure.value)
+    assert "CUDA error: an illegal memory access" in message and "rerun" in message
+    assert "died 2 time(s)" in message  # the first process and its one restart
+    assert _errors(cfg.output).empty, "a dead engine's failures were blamed on reports"
+    assert len(_labels(cfg.output)) == 4, "rows written before the fault were lost"
+
+    flag.unlink()  # fixed: the same command resumes
+    again = run_label_job(cfg)
+    assert (again.skipped_done, again.label_rows, again.error_rows) == (4, 8, 0)
+    keys = _keys(_labels(cfg.output))
+    assert sorted(keys) == sorted(_expected_keys(GOOD_IDS, {"spinal_cancer": [None]}))

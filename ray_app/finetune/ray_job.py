@@ -121,28 +121,29 @@ class RayWorkerContext:
         return values
 
 
-def _use_gpu(cfg: FinetuneConfig) -> bool:
-    import ray
+def worker_placement(cfg: FinetuneConfig):
+    """Training workers' resources from the configuration (ray_app/placement.py): `use_gpu`
+    true asks for a GPU per worker whatever the cluster holds now; None decides by what the
+    cluster has or its autoscaler can reach."""
+    from ray_app import placement
 
-    if cfg.use_gpu is not None:
-        return cfg.use_gpu
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    return placement.place(placement.device_for(cfg.use_gpu), cpus_per_worker=cfg.cpus_per_worker,
+                           max_workers=cfg.num_workers)
 
 
 def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
-                 heldout: list[TokenisedExample]):
+                 heldout: list[TokenisedExample], where=None):
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = _use_gpu(cfg)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    where = where or worker_placement(cfg)
     storage = os.path.abspath(cfg.storage_path or os.path.join(cfg.output, "ray_train"))
     return TorchTrainer(
         _worker_entry,
         train_loop_config={"cfg": asdict(cfg), "train": ray.put(train), "eval": ray.put(heldout)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=where.use_gpu,
+                                     resources_per_worker=where.worker_resources()),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
@@ -158,12 +159,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     train, heldout, data_info = prepare_data(cfg, load_tokenizer(cfg.model))
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
-    result = make_trainer(cfg, train, heldout).fit()
+    where = worker_placement(cfg)
+    result = make_trainer(cfg, train, heldout, where).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint: {result.error}")
     provenance = {
         "base_model": cfg.model, "mode": cfg.mode, "config": asdict(cfg), "data": data_info,
-        "workers": cfg.num_workers, "device": "cuda" if _use_gpu(cfg) else "cpu",
+        "workers": cfg.num_workers, "device": "cuda" if where.use_gpu else "cpu",
         "started_at": started_at, "finished_at": utc_now(),
         "seconds": round(time.monotonic() - started, 1), "code_version": code_version(),
         "versions": _versions(), **_prompt_provenance(cfg),

@@ -39,7 +39,8 @@ class CNNConfig:
     rotation_degrees: float = field(default=15.0, metadata={"doc": "Random rotation range (+-)."})
     crop_scale: float = field(default=0.8, metadata={"doc": "Smallest area fraction of a random crop."})
     validation: float = field(default=0.2, metadata={"doc": "Fraction of images (or studies) held out."})
-    workers: int = field(default=1, metadata={"doc": "Ray Train workers (one per GPU where there are GPUs)."})
+    workers: int = field(default=1, metadata={"doc": "Ray Train workers (one GPU each on GPUs)."})
+    device: str = field(default="auto", metadata={"doc": "'cuda': a GPU per worker whatever the cluster holds now; 'cpu'; 'auto': GPUs if the cluster has or can reach some."})
     seed: int = field(default=0, metadata={"doc": "Seed of split, sampling, augmentation and init."})
 
 

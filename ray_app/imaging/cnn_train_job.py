@@ -122,10 +122,13 @@ def run_cnn_training(cfg: CNNConfig) -> list[dict]:
     table = image_table(cfg)
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.workers
+    from ray_app import placement
+
+    where = placement.place(cfg.device, max_workers=cfg.workers)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"cfg": asdict(cfg), "table": table.to_dict("list")},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=where.use_gpu,
+                                               resources_per_worker=where.worker_resources()),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=str(Path(cfg.output).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),

@@ -57,7 +57,8 @@ class EmbedJobConfig:
     weighting: str = field(default="T2", metadata={"doc": "Series weighting to choose (T1, T2, STIR...)."})
     batch_volumes: int = field(default=16, metadata={"doc": "Disc volumes per encoder forward pass."})
     studies_per_task: int = field(default=4, metadata={"doc": "Studies per crop task."})
-    max_actors: int | None = field(default=None, metadata={"doc": "Encoder actors; default: GPUs, or 1 on CPU."})
+    device: str = field(default="auto", metadata={"doc": "'cuda': one GPU per encoder actor, whatever the cluster holds now (an autoscaler adds GPU nodes); 'cpu'; 'auto': GPUs if the cluster has or can reach some."})
+    max_actors: int | None = field(default=None, metadata={"doc": "Encoder actors; default: the GPUs the cluster can reach, or 1 on CPU."})
     cpus_per_actor: float = field(default=1.0, metadata={"doc": "CPU actors: CPUs reserved each."})
     s3_endpoint: str | None = field(default=None, metadata={"doc": "S3-compatible endpoint URL."})
     limit: int | None = field(default=None, metadata={"doc": "Only the first N studies (trials)."})
@@ -307,15 +308,14 @@ def _embed_studies(cfg: EmbedJobConfig, tasks: list[dict]) -> int:
     import ray
     import ray.data
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus:
-        resources, ceiling, threads = {"num_gpus": 1}, cfg.max_actors or int(gpus), None
-    else:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        ceiling = cfg.max_actors or 1
-        resources = {"num_cpus": cfg.cpus_per_actor}
-        # Ray pins an actor to one thread per reserved CPU; let it use its share of the node.
-        threads = max(1, int(cpus) // ceiling)
+    from ray_app import placement
+
+    capacity = placement.cluster_capacity()
+    # On CPUs one encoder actor by default: the crop tasks need the other cores.
+    default = None if placement.wants_gpu(cfg.device, capacity) else 1
+    where = placement.plan(cfg.device, capacity, cpus_per_worker=cfg.cpus_per_actor,
+                           max_workers=cfg.max_actors or default)
+    threads, resources, ceiling = where.cpu_threads, where.remote_args(), where.max_workers
     discs = ray.data.from_items(tasks).map_batches(
         crop_batch, fn_kwargs={"cfg": cfg}, batch_size=cfg.studies_per_task, batch_format="pandas",
         num_cpus=0.5,
@@ -323,5 +323,6 @@ def _embed_studies(cfg: EmbedJobConfig, tasks: list[dict]) -> int:
         EmbedActor, fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ceiling),
         batch_size=cfg.batch_volumes, batch_format="numpy", **resources,
+        max_restarts=3, max_task_retries=-1,  # a lost node or crashed encoder: bounded retries
     )
     return int(sum(int(b["discs"].sum()) for b in discs.iter_batches(batch_size=None)))
