@@ -1,8 +1,12 @@
 """The labelling job on Ray Data: read reports, label them in engine actors, write Parquet.
 
-Resumable: each batch's labels and errors are written as whole Parquet files by the actor that
-made them, and a rerun skips every (report, condition) already written, so a killed job loses
-no finished row and duplicates none. Bad rows go to an errors table and never stop the job.
+Resumable at archive size: a rerun skips every (report, condition) already written. The driver
+streams the finished keys into hash indexes (resume.py), the read tasks drop finished work
+with them, and engine actors receive only their batch. Each batch's labels and errors are
+whole Parquet files named after the batch's keys, so a batch that Ray re-runs (a lost node, a
+killed actor) replaces its own files: no finished row is lost and none is duplicated.
+Bad rows go to the errors table and never stop the job; an engine that stops answering is not
+a bad row: its actor is restarted by Ray, and if it keeps dying the job stops with the cause.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class JobSummary:
     seconds: float
     output: str
     actor_peak_rss_mb: float = 0.0  # the largest engine actor's peak resident memory
+    driver_peak_rss_mb: float = 0.0  # this process's
 
 
 class ResumeError(RuntimeError):
@@ -385,7 +390,7 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
         input_rows=scan.rows, reports_labelled=totals["reports"], label_rows=totals["rows"],
         error_rows=totals["errors"], skipped_done=state.done_pairs, output=cfg.output,
         seconds=round(time.monotonic() - started, 2),
-        actor_peak_rss_mb=totals.get("peak_rss_mb", 0.0),
+        actor_peak_rss_mb=totals.get("peak_rss_mb", 0.0), driver_peak_rss_mb=peak_rss_mb(),
     )
     log.info("done: %s (code %s)", asdict(summary), code_version())
     return summary
