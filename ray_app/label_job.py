@@ -175,6 +175,7 @@ class LabelActor:
     nothing else: the planning step (`resume.plan_batch`) has already left out finished work."""
 
     def __init__(self, cfg: LabelJobConfig):
+        placement.record_placement("label-actor")
         self.cfg = cfg
         self.labeller = make_labeller(cfg)
         self.out = tables.locate(cfg.output, cfg.s3_endpoint)

@@ -138,3 +138,45 @@ def place(device: str, **settings: Any) -> Placement:
     log.info("%s workers: %s each, up to %d", "GPU" if where.use_gpu else "CPU",
              where.remote_args(), where.max_workers)
     return where
+
+
+# Where each actor / worker says what it got. Set (in the cluster's environment) to a folder
+# to collect one JSON per process there: how the cluster tests check placement from inside.
+PLACEMENT_LOG_ENV = "RAY_APP_PLACEMENT_LOG"
+# Simulated clusters advertise GPUs that do not exist; on them a GPU worker runs on the CPU.
+FAKE_GPUS_ENV = "RAY_APP_FAKE_GPUS"
+
+
+def record_placement(role: str) -> dict[str, Any]:
+    """Log (and, with $RAY_APP_PLACEMENT_LOG, write) the node and GPUs this process holds."""
+    import json
+
+    import ray
+
+    context = ray.get_runtime_context()
+    where = {"role": role, "pid": os.getpid(), "node_id": context.get_node_id(),
+             "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    log.info("%s on node %s holds GPUs %s", role, where["node_id"][:12], where["gpu_ids"])
+    folder = os.environ.get(PLACEMENT_LOG_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, f"{role}-{os.getpid()}.json").write_text(json.dumps(where))
+    return where
+
+
+def worker_device(use_gpu: bool):
+    """The torch device of a training worker: its GPU when it was given one. A worker given a
+    GPU that torch cannot see is a broken node (drivers, a CPU build of torch), not a reason
+    to train on its CPU for days, unless the cluster is a simulation ($RAY_APP_FAKE_GPUS=1)."""
+    import torch
+
+    if not use_gpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    if os.environ.get(FAKE_GPUS_ENV) == "1":
+        return torch.device("cpu")
+    raise RuntimeError("this worker was given a GPU but torch sees no CUDA device: check the "
+                       "node's NVIDIA driver and that torch is a CUDA build")

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ray_app import placement
 from ray_app.finetune import datasets
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.masking import TokenisedExample, tokenise_all
@@ -72,7 +73,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     cfg = FinetuneConfig.from_dict(config["cfg"])
-    ctx = RayWorkerContext()
+    placement.record_placement("finetune-worker")
+    ctx = RayWorkerContext(config["use_gpu"])
     if ctx.device.type == "cpu":
         threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
         torch.set_num_threads(threads)
@@ -82,19 +84,18 @@ def _worker_entry(config: dict[str, Any]) -> None:
 class RayWorkerContext:
     """WorkerContext on Ray Train: rank, device and DDP from Ray, checkpoints to its storage."""
 
-    def __init__(self) -> None:
+    def __init__(self, use_gpu: bool) -> None:
         import ray.train
-        import ray.train.torch
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = placement.worker_device(use_gpu)
 
     def wrap(self, model: Any) -> Any:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(model, move_to_device=self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         import ray.train
@@ -125,8 +126,6 @@ def worker_placement(cfg: FinetuneConfig):
     """Training workers' resources from the configuration (ray_app/placement.py): `use_gpu`
     true asks for a GPU per worker whatever the cluster holds now; None decides by what the
     cluster has or its autoscaler can reach."""
-    from ray_app import placement
-
     return placement.place(placement.device_for(cfg.use_gpu), cpus_per_worker=cfg.cpus_per_worker,
                            max_workers=cfg.num_workers)
 
@@ -141,7 +140,8 @@ def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
     storage = os.path.abspath(cfg.storage_path or os.path.join(cfg.output, "ray_train"))
     return TorchTrainer(
         _worker_entry,
-        train_loop_config={"cfg": asdict(cfg), "train": ray.put(train), "eval": ray.put(heldout)},
+        train_loop_config={"cfg": asdict(cfg), "train": ray.put(train), "eval": ray.put(heldout),
+                           "use_gpu": where.use_gpu},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=where.use_gpu,
                                      resources_per_worker=where.worker_resources()),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,

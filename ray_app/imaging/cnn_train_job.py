@@ -55,11 +55,14 @@ def train_loop(config: dict) -> None:
     table = pd.DataFrame(config["table"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    from ray_app import placement
+
+    placement.record_placement("cnn-worker")
+    device = placement.worker_device(config["use_gpu"])
     model = build_cnn(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     start, history = _resume(model, optimizer)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
     data = ImageBatches(table["image"], table["label"].to_numpy(), cfg)
     train_rows = np.flatnonzero(table["split"] == "train")
     val_rows = np.flatnonzero(table["split"] == "validation")
@@ -126,7 +129,8 @@ def run_cnn_training(cfg: CNNConfig) -> list[dict]:
 
     where = placement.place(cfg.device, max_workers=cfg.workers)
     trainer = TorchTrainer(
-        train_loop, train_loop_config={"cfg": asdict(cfg), "table": table.to_dict("list")},
+        train_loop, train_loop_config={"cfg": asdict(cfg), "table": table.to_dict("list"),
+                                       "use_gpu": where.use_gpu},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=where.use_gpu,
                                                resources_per_worker=where.worker_resources()),
         run_config=ray.train.RunConfig(

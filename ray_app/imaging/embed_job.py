@@ -155,6 +155,9 @@ class EmbedActor:
     def __init__(self, cfg: EmbedJobConfig, torch_threads: int | None):
         import torch
 
+        from ray_app import placement
+
+        placement.record_placement("embed-actor")
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.embedder = DiscEmbedder(cfg.weights, cfg.allow_random_weights, cfg.image_size,
