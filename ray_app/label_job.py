@@ -58,7 +58,9 @@ class LabelJobConfig:
         default=None, metadata={"doc": "Which variant of a --prompt file with several."})
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"doc": "Model settings."})
     reports_per_batch: int = field(default=64, metadata={"doc": "Reports per actor call (one file)."})
-    min_actors: int = field(default=1, metadata={"doc": "Engine actors kept running."})
+    min_actors: int | None = field(default=None, metadata={
+        "doc": "Engine actors started at once; None: every GPU engine up to the ceiling (the "
+               "autoscaler starts their nodes together), or 1 on CPUs."})
     max_actors: int | None = field(
         default=None, metadata={"doc": "Autoscaling ceiling; None: the GPUs the cluster can "
                                 "reach (autoscaler included), or the CPUs it has less one."})
@@ -417,13 +419,23 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, n_rows: int,
     stats = planned.map_batches(
         LabelActor,
         fn_constructor_kwargs={"cfg": replace(cfg, engine=engine)},
-        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, where.max_workers),
+        compute=ray.data.ActorPoolStrategy(min_size=_min_actors(cfg, where),
                                            max_size=where.max_workers),
         batch_size=cfg.reports_per_batch, batch_format="pandas",
         # Ray restarts a dead actor and re-runs its batch; a batch re-run replaces its files.
         max_restarts=cfg.engine_restarts, max_task_retries=-1, **where.remote_args(),
     )
     return _follow_progress(stats, n_rows if not cfg.limit else min(cfg.limit, n_rows), cfg)
+
+
+def _min_actors(cfg: LabelJobConfig, where: Placement) -> int:
+    """Ray Data grows an actor pool only within the resources the cluster holds now, so on an
+    autoscaling cluster a pool of one GPU engine would stay at one: GPU jobs ask for all their
+    engines at the start, and the pool is released (the autoscaler removes the idle nodes) when
+    the input is consumed."""
+    wanted = cfg.min_actors if cfg.min_actors is not None else (
+        where.max_workers if where.use_gpu else 1)
+    return max(1, min(wanted, where.max_workers))
 
 
 def _condition_names(cfg: LabelJobConfig) -> list[str]:

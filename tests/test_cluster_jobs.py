@@ -1,0 +1,125 @@
+"""The jobs on simulated multi-node Ray clusters (tests/cluster_sim.py): GPU placement on an
+autoscaling cluster that starts with a 0-CPU head and no GPU node, and exactly-once labels
+when a worker node is lost or an engine actor is SIGKILLed mid-job.
+
+Each job runs as its own process against the cluster, as `ray job submit` would run it; every
+actor and training worker records the node and GPUs it holds (RAY_APP_PLACEMENT_LOG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from cluster_sim import autoscaling_cluster, multi_node_cluster, run_job_subprocess
+
+from ray_app import report_tables as tables
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+GPU_NODE = {"gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "max_workers": 2}}
+CONDITIONS = ["spinal_cancer", "disc_herniation"]
+
+
+def _write_reports(path: Path, n: int) -> list[str]:
+    ids = [f"acc-{i:04d}" for i in range(n)]
+    texts = [f"FINDINGS: Report {i}. Mild disc bulge at L4-L5. No lesion.\nIMPRESSION: {i}."
+             for i in range(n)]
+    pd.DataFrame({"report_id": ids, "text": texts}).to_csv(path, index=False)
+    return ids
+
+
+def _placements(folder: Path, role: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{role}-*.json"))]
+
+
+def _label_pairs(output: Path) -> list[tuple[str, str]]:
+    labels = tables.read_finished(tables.locate(str(output)).child("labels"),
+                                  ["report_id", "condition"])
+    return list(zip(labels["report_id"], labels["condition"]))
+
+
+class NodeWatch:
+    """Polls the cluster's GPU worker nodes while a job runs; keeps the most seen at once."""
+
+    def __init__(self, cluster):
+        self.cluster, self.most, self._stop = cluster, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                gpu_nodes = [n for n in self.cluster.worker_nodes() if n["resources"].get("GPU")]
+                self.most = max(self.most, len(gpu_nodes))
+            except Exception:  # noqa: BLE001 - a poll during a node change; try again
+                pass
+            time.sleep(0.5)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(tmp_path_factory):
+    """0-CPU head, up to two fake GPU nodes ({CPU: 2, GPU: 1}) started on demand, removed after
+    6 s idle. The nodes inherit this environment: placement records, fake GPUs allowed."""
+    records = tmp_path_factory.mktemp("placements")
+    saved = {k: os.environ.get(k) for k in ("RAY_APP_PLACEMENT_LOG", "RAY_APP_FAKE_GPUS")}
+    os.environ.update(RAY_APP_PLACEMENT_LOG=str(records), RAY_APP_FAKE_GPUS="1")
+    try:
+        with autoscaling_cluster(GPU_NODE, idle_timeout_s=6.0) as cluster:
+            assert cluster.worker_nodes() == [], "the cluster must start without GPU nodes"
+            config = tmp_path_factory.mktemp("config") / "cluster.yaml"
+            config.write_text(yaml.safe_dump(cluster.config))
+            cluster.records, cluster.config_file = records, config
+            yield cluster
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def _run(cluster, args, timeout=240, **env):
+    code, out, err = run_job_subprocess(args, cluster.env(**env), timeout=timeout)
+    assert code == 0, f"job failed ({code}):\n{out[-3000:]}\n{err[-5000:]}"
+    return out
+
+
+def _scaled_down(cluster):
+    cluster.wait_for_workers(0, timeout=90)
+
+
+@pytest.mark.timeout(420)
+def test_label_job_asks_for_gpus_the_cluster_does_not_have_yet(gpu_cluster, tmp_path):
+    ids = _write_reports(tmp_path / "reports.csv", 48)
+    output = tmp_path / "out"
+    args = ["jobs/label_reports.py", "--input", str(tmp_path / "reports.csv"), "--output",
+            str(output), "--conditions", *CONDITIONS, "--engine", "fault_engines:RecordingEngine",
+            "--model", "m", "--device", "cuda", "--max-actors", "2", "--reports-per-batch", "2",
+            "--config", str(_engine_config(tmp_path, seconds_per_call=0.5))]
+    with NodeWatch(gpu_cluster) as nodes:
+        _run(gpu_cluster, args)
+    actors = _placements(gpu_cluster.records, "label-actor")
+    assert actors and all(len(a["gpu_ids"]) == 1 for a in actors), actors
+    assert nodes.most == 2, f"the cluster scaled to {nodes.most} GPU node(s), not its ceiling of 2"
+    pairs = _label_pairs(output)
+    assert sorted(pairs) == sorted((i, c) for i in ids for c in CONDITIONS)
+    _scaled_down(gpu_cluster)
+
+
+def _engine_config(folder: Path, **engine_kwargs) -> Path:
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump({"engine": {"engine_kwargs": engine_kwargs}}))
+    return path
