@@ -164,6 +164,11 @@ def record_placement(role: str) -> dict[str, Any]:
     return where
 
 
+def ddp_backend(use_gpu: bool) -> str | None:
+    """Ray Train's default (NCCL on GPUs, gloo on CPUs), except on a simulation's fake GPUs."""
+    return "gloo" if use_gpu and os.environ.get(FAKE_GPUS_ENV) == "1" else None
+
+
 def worker_device(use_gpu: bool):
     """The torch device of a training worker: its GPU when it was given one. A worker given a
     GPU that torch cannot see is a broken node (drivers, a CPU build of torch), not a reason

@@ -123,3 +123,49 @@ def _engine_config(folder: Path, **engine_kwargs) -> Path:
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump({"engine": {"engine_kwargs": engine_kwargs}}))
     return path
+
+
+@pytest.mark.timeout(420)
+def test_embedding_job_with_device_auto_scales_up_for_gpus(gpu_cluster, tmp_path):
+    """'auto' on a cluster that holds no GPU yet: the autoscaler's config says it can start
+    two, so the encoders ask for GPUs and the autoscaler brings the nodes up."""
+    from ray_app.imaging.phantoms import PhantomConfig, make_phantom_dataset
+
+    phantoms = make_phantom_dataset(tmp_path / "phantoms", PhantomConfig(
+        studies=4, seed=3, size=96, fov_mm=240.0, slices=7, noise=0.04))
+    code = (
+        "from ray_app.imaging.embed_job import EmbedJobConfig, run_embed_job\n"
+        f"print(run_embed_job(EmbedJobConfig(dicom={str(phantoms['dicom'])!r}, "
+        f"locations={str(phantoms['locations'])!r}, output={str(tmp_path / 'out')!r}, "
+        "allow_random_weights=True, crop_shape=(3, 24, 48), image_size=64, batch_volumes=4, "
+        "max_actors=2, device='auto')))")
+    with NodeWatch(gpu_cluster) as nodes:
+        out = _run(gpu_cluster, ["-c", code],
+                   RAY_APP_AUTOSCALING_CONFIG=str(gpu_cluster.config_file))
+    assert "discs_embedded=20" in out, out[-2000:]
+    actors = _placements(gpu_cluster.records, "embed-actor")
+    assert actors and all(len(a["gpu_ids"]) == 1 for a in actors), actors
+    assert nodes.most == 2
+    _scaled_down(gpu_cluster)
+
+
+@pytest.mark.timeout(420)
+def test_finetuning_workers_each_hold_one_gpu(gpu_cluster, tmp_path, tiny_model_dir):
+    from finetune.synthetic import write_reports
+
+    reports = write_reports(tmp_path, 8)[0]
+    code = (
+        "from ray_app.finetune.config import FinetuneConfig\n"
+        "from ray_app.finetune.ray_job import run_finetune\n"
+        f"p = run_finetune(FinetuneConfig(mode='summary', train_input={str(reports)!r}, "
+        f"output={str(tmp_path / 'run')!r}, model={str(tiny_model_dir)!r}, epochs=1, "
+        "batch_size=2, num_workers=2, use_gpu=True, torch_threads=1, checkpoint_every=1000))\n"
+        "print('steps', p['steps'], 'world', p['world_size'], 'device', p['device'])")
+    with NodeWatch(gpu_cluster) as nodes:
+        out = _run(gpu_cluster, ["-c", code])
+    assert "world 2 device cuda" in out, out[-2000:]
+    workers = _placements(gpu_cluster.records, "finetune-worker")
+    assert len(workers) == 2 and all(len(w["gpu_ids"]) == 1 for w in workers), workers
+    assert len({w["node_id"] for w in workers}) == 2  # one GPU node each
+    assert nodes.most == 2
+    _scaled_down(gpu_cluster)

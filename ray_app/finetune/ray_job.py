@@ -134,7 +134,7 @@ def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
                  heldout: list[TokenisedExample], where=None):
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     where = where or worker_placement(cfg)
     storage = os.path.abspath(cfg.storage_path or os.path.join(cfg.output, "ray_train"))
@@ -142,6 +142,7 @@ def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
         _worker_entry,
         train_loop_config={"cfg": asdict(cfg), "train": ray.put(train), "eval": ray.put(heldout),
                            "use_gpu": where.use_gpu},
+        torch_config=TorchConfig(backend=placement.ddp_backend(where.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=where.use_gpu,
                                      resources_per_worker=where.worker_resources()),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,

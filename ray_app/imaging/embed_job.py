@@ -324,7 +324,9 @@ def _embed_studies(cfg: EmbedJobConfig, tasks: list[dict]) -> int:
         num_cpus=0.5,
     ).map_batches(
         EmbedActor, fn_constructor_kwargs={"cfg": cfg, "torch_threads": threads},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ceiling),
+        # GPU encoders all at once: Ray Data grows a pool only within what the cluster holds now.
+        compute=ray.data.ActorPoolStrategy(min_size=ceiling if where.use_gpu else 1,
+                                           max_size=ceiling),
         batch_size=cfg.batch_volumes, batch_format="numpy", **resources,
         max_restarts=3, max_task_retries=-1,  # a lost node or crashed encoder: bounded retries
     )
