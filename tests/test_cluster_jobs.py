@@ -169,3 +169,75 @@ def test_finetuning_workers_each_hold_one_gpu(gpu_cluster, tmp_path, tiny_model_
     assert len({w["node_id"] for w in workers}) == 2  # one GPU node each
     assert nodes.most == 2
     _scaled_down(gpu_cluster)
+
+
+# --- faults on a fixed multi-node cluster ---------------------------------------------------
+
+@pytest.fixture
+def three_nodes(tmp_path, monkeypatch):
+    """A 0-CPU head and two 2-CPU worker nodes; engine actors record where they run."""
+    records = tmp_path / "placements"
+    monkeypatch.setenv("RAY_APP_PLACEMENT_LOG", str(records))
+    with multi_node_cluster(n_workers=2, cpus_per_worker=2) as cluster:
+        cluster.records = records
+        yield cluster
+
+
+def _start_label_job(cluster, tmp_path, n_reports=60):
+    ids = _write_reports(tmp_path / "reports.csv", n_reports)
+    output = tmp_path / "out"
+    args = ["jobs/label_reports.py", "--input", str(tmp_path / "reports.csv"), "--output",
+            str(output), "--conditions", *CONDITIONS, "--engine", "fault_engines:RecordingEngine",
+            "--model", "m", "--device", "cpu", "--cpus-per-actor", "0.5", "--max-actors", "2",
+            "--min-actors", "2", "--reports-per-batch", "2",
+            "--config", str(_engine_config(tmp_path, seconds_per_call=0.4))]
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(zip(
+        ("code", "out", "err"), run_job_subprocess(args, cluster.env(), timeout=360))))
+    thread.start()
+    return ids, output, thread, result
+
+
+def _wait_for_labels(output: Path, thread, result, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and thread.is_alive():
+        if len(_label_pairs(output)) >= 8:
+            assert thread.is_alive()
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no labels to interrupt: {result.get('err', '')[-3000:]}")
+
+
+def _assert_exactly_once(output: Path, ids, thread, result):
+    thread.join(timeout=400)
+    assert result.get("code") == 0, f"{result.get('out', '')[-2000:]}\n{result.get('err', '')[-5000:]}"
+    pairs = _label_pairs(output)
+    assert len(pairs) == len(set(pairs)), "a re-run batch duplicated rows"
+    assert set(pairs) == {(i, c) for i in ids for c in CONDITIONS}, "rows were lost"
+
+
+@pytest.mark.timeout(480)
+def test_a_worker_node_lost_mid_job_loses_and_duplicates_nothing(three_nodes, tmp_path):
+    ids, output, thread, result = _start_label_job(three_nodes, tmp_path)
+    _wait_for_labels(output, thread, result)
+    hosting = {a["node_id"] for a in _placements(three_nodes.records, "label-actor")}
+    victim = next(n for n in three_nodes.workers if n.node_id in hosting)
+    before = len(_placements(three_nodes.records, "label-actor"))
+    three_nodes.remove_worker(victim, allow_graceful=False)
+    three_nodes.wait_for(lambda: len(three_nodes.alive_nodes()) == 2, timeout=90,
+                         what="the removed node marked dead")
+    _assert_exactly_once(output, ids, thread, result)
+    after = _placements(three_nodes.records, "label-actor")
+    assert len(after) > before, "the lost engine actor was not restarted"
+    assert all(a["node_id"] != victim.node_id for a in after[before:])
+
+
+@pytest.mark.timeout(480)
+def test_an_engine_actor_killed_mid_job_loses_and_duplicates_nothing(three_nodes, tmp_path):
+    ids, output, thread, result = _start_label_job(three_nodes, tmp_path)
+    _wait_for_labels(output, thread, result)
+    victim = _placements(three_nodes.records, "label-actor")[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    _assert_exactly_once(output, ids, thread, result)
+    restarted = [a for a in _placements(three_nodes.records, "label-actor") if a["pid"] != victim]
+    assert len(restarted) >= 2, "Ray did not restart the killed engine actor"
