@@ -51,6 +51,9 @@ class LabelJobConfig:
     id_column: str = field(default="report_id", metadata={"doc": "Column with unique report ids."})
     text_column: str = field(default="text", metadata={"doc": "Column with the report text."})
     input_format: str | None = field(default=None, metadata={"doc": "csv/parquet/json; else by extension."})
+    encoding: str = field(default="utf-8", metadata={
+        "doc": "Text encoding of CSV / JSON Lines input (cp1252, latin-1 for files wholly in "
+               "one); a row that does not decode goes to the errors table."})
     calibration: str | None = field(default=None, metadata={"doc": "Calibration JSON: adds labels."})
     prompt: str | None = field(
         default=None, metadata={"doc": "YAML prompt variant(s); default: the paper's wording."})
@@ -204,10 +207,12 @@ class LabelActor:
 
     def _check_rows(self, batch: pd.DataFrame) -> tuple[list[ReportTask], list[dict]]:
         tasks, errors = [], []
-        for raw_id, text, todo, count in zip(batch[self.cfg.id_column], batch[self.cfg.text_column],
-                                             batch[resume.TODO_COLUMN], batch[resume.DUPLICATES_COLUMN]):
+        for raw_id, text, todo, count, read_problem in zip(
+                batch[self.cfg.id_column], batch[self.cfg.text_column], batch[resume.TODO_COLUMN],
+                batch[resume.DUPLICATES_COLUMN], batch[tables.PROBLEM_COLUMN]):
             report_id = tables.clean_id(raw_id)
-            problem = self._row_problem(report_id, text, int(count))
+            problem = (read_problem if isinstance(read_problem, str) else None) or \
+                self._row_problem(report_id, text, int(count))
             if problem:
                 errors.append(_error(tables.row_key(report_id, text), report_id, None, problem, text))
             elif todo:
@@ -326,11 +331,13 @@ def _error(key: str, report_id: str | None, condition: str | None, reason: str, 
 
 
 def _read_reports(cfg: LabelJobConfig, loc: tables.TableLocation, fmt: str):
+    """Reports as rows of id, text and (CSV, JSON Lines) the reason a row could not be read:
+    one undecodable or unparsable row must cost only that row."""
     import ray.data
 
     columns = [cfg.id_column, cfg.text_column]
     if fmt == "csv":
-        options = tables.csv_convert_options(columns)
+        options = tables.csv_convert_options(columns, binary=True)  # decoded row by row
         options.include_columns = columns
         ds = ray.data.read_csv(loc.path, filesystem=loc.fs, convert_options=options,
                                parse_options=tables.csv_parse_options())
@@ -347,15 +354,18 @@ def _read_reports(cfg: LabelJobConfig, loc: tables.TableLocation, fmt: str):
         finally:
             if v2 is not None:
                 context.use_datasource_v2 = v2
-    else:  # JSON Lines: parsed in Python so that one mistyped row cannot fail the whole file
-        ds = ray.data.read_text(tables.input_files(loc), filesystem=loc.fs).map_batches(
-            _parse_json_batch, fn_kwargs={"columns": columns, "id_column": cfg.id_column},
-            batch_format="pyarrow", batch_size=None)
+    else:  # JSON Lines: parsed in Python, line by line, with line numbers for the errors
+        ds = ray.data.read_binary_files(tables.input_files(loc), filesystem=loc.fs,
+                                        include_paths=True).map_batches(
+            _parse_json_batch, fn_kwargs={"columns": columns, "cfg": cfg},
+            batch_format="pandas", batch_size=1)
     return ds.limit(cfg.limit) if cfg.limit else ds
 
 
-def _parse_json_batch(batch: pa.Table, columns: list[str], id_column: str) -> pd.DataFrame:
-    return tables.parse_json_lines(batch.column("text").to_pylist(), columns, id_column)
+def _parse_json_batch(batch: pd.DataFrame, columns: list[str], cfg: LabelJobConfig) -> pd.DataFrame:
+    frames = [tables.parse_json_file(data, path, columns, cfg.id_column, cfg.encoding)
+              for data, path in zip(batch["bytes"], batch["path"])]
+    return pd.concat(frames, ignore_index=True)
 
 
 def actor_placement(cfg: LabelJobConfig) -> Placement:
@@ -379,9 +389,9 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     conditions = load_conditions(cfg.conditions)
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
     check_resume(out, _manifest(cfg, conditions, calibration))
-    tables.require_column(src, fmt, cfg.text_column)  # fail fast on a wrong --text-column
+    tables.require_column(src, fmt, cfg.text_column, cfg.encoding)  # fail fast on a wrong column
     state = resume.finished_state(out)
-    scan = resume.scan_ids(lambda: tables.iter_column(src, fmt, cfg.id_column),
+    scan = resume.scan_ids(lambda: tables.iter_column(src, fmt, cfg.id_column, cfg.encoding),
                            [c.name for c in conditions], state.done)
     state.duplicates = scan.duplicates
     log.info("%s: %d rows, %d duplicated ids; %d (report, condition) pairs already labelled, "
@@ -428,7 +438,7 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, n_rows: int,
     # The finished keys go to the object store once; the planning step reads them zero-copy.
     state_ref = ray.put(state)
     planned = _read_reports(cfg, src, fmt).map_batches(
-        _plan_batch, fn_kwargs={"cfg": cfg, "conditions": _condition_names(cfg),
+        _plan_batch, fn_kwargs={"cfg": cfg, "fmt": fmt, "conditions": _condition_names(cfg),
                                 "state": state_ref},
         batch_format="pandas", batch_size=None)
     stats = planned.map_batches(
@@ -457,12 +467,14 @@ def _condition_names(cfg: LabelJobConfig) -> list[str]:
     return [c.name for c in load_conditions(cfg.conditions)]
 
 
-def _plan_batch(batch: pd.DataFrame, cfg: LabelJobConfig, conditions: list[str],
+def _plan_batch(batch: pd.DataFrame, cfg: LabelJobConfig, fmt: str, conditions: list[str],
                 state) -> pd.DataFrame:
     import ray
 
     if isinstance(state, ray.ObjectRef):
         state = ray.get(state)
+    if fmt == "csv":
+        batch = tables.decode_rows(batch, cfg.id_column, cfg.text_column, cfg.encoding)
     return resume.plan_batch(batch, cfg.id_column, cfg.text_column, conditions, state)
 
 

@@ -82,9 +82,12 @@ def table_format(uri: str, explicit: str | None = None) -> str:
     return FORMATS[suffix]
 
 
-def csv_convert_options(columns: list[str]) -> pacsv.ConvertOptions:
-    """Read ids and texts as strings: inferring types would turn '007' into 7."""
-    return pacsv.ConvertOptions(column_types={c: pa.string() for c in columns})
+def csv_convert_options(columns: list[str], binary: bool = False) -> pacsv.ConvertOptions:
+    """Read ids and texts as strings: inferring types would turn '007' into 7. `binary` reads
+    their bytes instead, for `decode_rows`: Arrow refuses a whole file over one byte that is
+    not UTF-8, where only that row should go to the errors table."""
+    return pacsv.ConvertOptions(column_types={c: pa.binary() if binary else pa.string()
+                                              for c in columns})
 
 
 def csv_parse_options() -> pacsv.ParseOptions:
@@ -107,45 +110,90 @@ def input_files(loc: TableLocation) -> list[str]:
                               for part in f.path[len(loc.path):].split("/") if part))
 
 
-def parse_json_lines(lines: list[str], columns: list[str], id_column: str) -> pd.DataFrame:
+PROBLEM_COLUMN = "_problem"  # why an input row cannot be labelled, found while reading it
+ENCODING_HINT = "if the whole file is in another encoding, pass --encoding (cp1252, latin-1)"
+
+
+def parse_json_lines(lines: list[str | bytes], columns: list[str], id_column: str,
+                     where: str = "", encoding: str = "utf-8") -> pd.DataFrame:
     """JSON Lines parsed in Python, not by Arrow: Arrow refuses a whole file when one row's
-    value has another type (a number for a text), where that row should go to the errors
-    table. Ids become strings (as read_column gives them); other values keep their JSON type,
-    so a non-string text is reported as such; a missing key is None."""
+    value has another type (a number for a text) or one line is not JSON, where that row should
+    go to the errors table. Ids become strings (as read_column gives them); other values keep
+    their JSON type, so a non-string text is reported as such; a missing key is None. A line
+    that cannot be read becomes a row without id or text whose PROBLEM_COLUMN says why (line
+    number, in `where`, and what to do); blank lines are skipped."""
     records = []
-    for line in lines:
-        record = _parse_line(line)
-        if record is not None:
-            records.append([record.get(c) for c in columns])
-    frame = pd.DataFrame(records, columns=columns, dtype=object)
+    for number, line in enumerate(lines, 1):
+        record, problem = _parse_line(line, f"line {number}{where}", encoding)
+        if record is not None or problem:
+            records.append([(record or {}).get(c) for c in columns] + [problem])
+    frame = pd.DataFrame(records, columns=[*columns, PROBLEM_COLUMN], dtype=object)
     if id_column in frame:
         frame[id_column] = pd.Series(_id_strings(frame[id_column]), dtype=object, index=frame.index)
     return frame
 
 
-def read_column(loc: TableLocation, fmt: str, column: str) -> pa.ChunkedArray:
+def parse_json_file(data: bytes, path: str, columns: list[str], id_column: str,
+                    encoding: str = "utf-8") -> pd.DataFrame:
+    """One JSON Lines file's bytes as parse_json_lines rows (bytes are decoded line by line,
+    so one line in another encoding costs only that line)."""
+    return parse_json_lines(data.splitlines(), columns, id_column, f" of {path}", encoding)
+
+
+def decode_rows(frame: pd.DataFrame, id_column: str, text_column: str,
+                encoding: str = "utf-8") -> pd.DataFrame:
+    """Ids and texts read as bytes (csv_convert_options(binary=True)) decoded in `encoding`.
+    Ids always decode (an undecodable byte is kept as an escape, the same on every pass); a
+    text that does not is kept with escapes and gets a PROBLEM_COLUMN reason."""
+    ids = [_decode(v, encoding, "backslashreplace") for v in frame[id_column]]
+    texts, problems = [], []
+    for report_id, raw in zip(ids, frame[text_column]):
+        try:
+            texts.append(_decode(raw, encoding, "strict"))
+            problems.append(None)
+        except UnicodeDecodeError as err:
+            texts.append(raw.decode(encoding, "backslashreplace"))  # str: one type per column
+            problems.append(f"text of report {report_id} is not valid {encoding} ({err.reason}: "
+                            f"{raw[err.start:err.end]!r} at byte {err.start}); {ENCODING_HINT}")
+    return pd.DataFrame({id_column: pd.Series(ids, dtype=object),
+                         text_column: pd.Series(texts, dtype=object),
+                         PROBLEM_COLUMN: pd.Series(problems, dtype=object)})
+
+
+def _decode(value: object, encoding: str, errors: str) -> object:
+    return value.decode(encoding, errors) if isinstance(value, bytes) else value
+
+
+def read_column(loc: TableLocation, fmt: str, column: str,
+                encoding: str = "utf-8") -> pa.ChunkedArray:
     """One column of the whole input, as strings."""
-    return pa.chunked_array(list(iter_column(loc, fmt, column)), type=pa.string())
+    return pa.chunked_array(list(iter_column(loc, fmt, column, encoding)), type=pa.string())
 
 
-def iter_column(loc: TableLocation, fmt: str, column: str) -> Iterator[pa.Array]:
+def iter_column(loc: TableLocation, fmt: str, column: str,
+                encoding: str = "utf-8") -> Iterator[pa.Array]:
     """One column of the whole input as string arrays, batch by batch (the driver's cheap
-    pass over ids: it never holds the whole column)."""
+    pass over ids: it never holds the whole column). CSV values are decoded as decode_rows
+    decodes ids, so that both passes see the same id."""
     if fmt == "json":
-        values = [r.get(column) for r in _json_records(loc)]
+        values = [r.get(column) for r in _json_records(loc, encoding)]
         if all(_missing(v) for v in values):
             raise KeyError(_no_column(loc, column, None))
         yield pa.array(_id_strings(values), type=pa.string())
         return
     for batch in _arrow_dataset(loc, fmt, column).to_batches(columns=[column]):
-        yield batch.column(0).cast(pa.string())
+        values = batch.column(0)
+        if fmt == "csv":
+            values = pa.array([_decode(v, encoding, "backslashreplace")
+                               for v in values.to_pylist()], type=pa.string())
+        yield values.cast(pa.string())
 
 
-def require_column(loc: TableLocation, fmt: str, column: str) -> None:
+def require_column(loc: TableLocation, fmt: str, column: str, encoding: str = "utf-8") -> None:
     """Fail fast on a wrong column name without reading the column (the schema; for JSON
     Lines, the rows up to the first that has the key)."""
     if fmt == "json":
-        if not any(not _missing(r.get(column)) for r in _json_records(loc)):
+        if not any(not _missing(r.get(column)) for r in _json_records(loc, encoding)):
             raise KeyError(_no_column(loc, column, None))
     else:
         _arrow_dataset(loc, fmt, column)
@@ -155,7 +203,7 @@ def _arrow_dataset(loc: TableLocation, fmt: str, column: str) -> pads.Dataset:
     file_format: str | pads.FileFormat = fmt
     if fmt == "csv":
         file_format = pads.CsvFileFormat(parse_options=csv_parse_options(),
-                                         convert_options=csv_convert_options([column]))
+                                         convert_options=csv_convert_options([column], binary=True))
     dataset = pads.dataset(loc.path, format=file_format, filesystem=loc.fs)
     if column not in dataset.schema.names:
         raise KeyError(_no_column(loc, column, dataset.schema.names))
@@ -167,27 +215,36 @@ def _no_column(loc: TableLocation, column: str, names: list[str] | None) -> str:
     return f"column {column!r} not in {where}; set --id-column / --text-column"
 
 
-def _json_records(loc: TableLocation):
-    """The JSON Lines rows of every input file, parsed as parse_json_lines does."""
+def _json_records(loc: TableLocation, encoding: str = "utf-8"):
+    """The JSON Lines rows of every input file, parsed as parse_json_lines does; a line that
+    cannot be read is an empty row here (the actors report why)."""
     for path in input_files(loc):
         with loc.fs.open_input_stream(path) as f:
-            lines = f.read().decode("utf-8").splitlines()
+            lines = f.read().splitlines()
         for line in lines:
-            record = _parse_line(line)
-            if record is not None:
-                yield record
+            record, problem = _parse_line(line, "", encoding)
+            if record is not None or problem:
+                yield record or {}
 
 
-def _parse_line(line: str) -> dict | None:
-    """One JSON Lines row: None for a blank line, {} for a value that is not an object."""
+def _parse_line(line: str | bytes, where: str, encoding: str) -> tuple[dict | None, str | None]:
+    """One JSON Lines row and why it cannot be read: (None, None) for a blank line."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode(encoding)
+        except UnicodeDecodeError as err:
+            return None, (f"{where} is not valid {encoding} ({err.reason} at byte {err.start}); "
+                          f"{ENCODING_HINT}")
     if not line.strip():
-        return None
+        return None, None
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"JSON Lines input has a line that is not JSON ({err}): "
-                         f"{line[:80]!r}") from err
-    return record if isinstance(record, dict) else {}
+        return None, (f"{where} is not JSON ({err.msg} at column {err.colno}): "
+                      f"{line[:60]!r}; fix or remove that line and rerun")
+    if not isinstance(record, dict):
+        return None, f"{where} is not a JSON object ({line[:60]!r}); each line must be one report"
+    return record, None
 
 
 def row_key(report_id: str | None, text: object) -> str:

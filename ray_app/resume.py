@@ -155,10 +155,14 @@ def plan_batch(batch: pd.DataFrame, id_column: str, text_column: str,
     todo = [TODO_SEP.join(n for n, d in zip(conditions, row_done) if not d)
             for row_done in zip(*done)] if done else [""] * len(ids)
     counts = [state.duplicates.get(i, 1) if i is not None else 1 for i in ids]
-    # A row without an id, or with a duplicated one, goes to the actor to be reported.
-    keep &= np.array([bool(t) or i is None or c > 1 for t, i, c in zip(todo, ids, counts)],
-                     dtype=bool)
+    problems = [p if isinstance(p, str) else None  # a missing value may come back as NaN
+                for p in (batch[tables.PROBLEM_COLUMN] if tables.PROBLEM_COLUMN in batch
+                          else [None] * len(ids))]
+    # A row without an id, with a duplicated one, or unreadable goes to the actor to be reported.
+    keep &= np.array([bool(t) or i is None or c > 1 or bool(p)
+                      for t, i, c, p in zip(todo, ids, counts, problems)], dtype=bool)
     planned = pd.DataFrame({id_column: pd.Series(list(batch[id_column]), dtype=object),
                             text_column: pd.Series(texts, dtype=object),
-                            TODO_COLUMN: todo, DUPLICATES_COLUMN: counts})
+                            TODO_COLUMN: todo, DUPLICATES_COLUMN: counts,
+                            tables.PROBLEM_COLUMN: pd.Series(problems, dtype=object)})
     return planned[keep].reset_index(drop=True)

@@ -528,3 +528,60 @@ def test_dead_engine_stops_the_job_with_its_cause_and_a_rerun_resumes(tmp_path):
     assert (again.skipped_done, again.label_rows, again.error_rows) == (4, 8, 0)
     keys = _keys(_labels(cfg.output))
     assert sorted(keys) == sorted(_expected_keys(GOOD_IDS, {"spinal_cancer": [None]}))
+
+
+# --- (i) rows that cannot be read cost only themselves (through the CLI) --------------------
+
+def _run_cli(tmp_path, *args):
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, str(REPO / "jobs" / "label_reports.py"), *args,
+               "--conditions", "cardiomegaly", "--engine", "dry-run", "--model", "m"]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=240, start_new_session=True)
+
+
+def _cp1252_row_csv(path: Path) -> None:
+    """A UTF-8 export with one row pasted in from a Windows (cp1252) system."""
+    path.write_bytes("report_id,text\n00123,FINDINGS: Heart size normal.\n".encode()
+                     + "r2,C\xe9ur \xe9largi.\n".encode("cp1252")
+                     + "r3,Cœur normal.\n".encode())
+
+
+@pytest.mark.timeout(300)
+def test_a_row_in_another_encoding_goes_to_errors_and_the_rest_is_labelled(tmp_path):
+    _cp1252_row_csv(tmp_path / "mixed.csv")
+    run = _run_cli(tmp_path, "--input", "mixed.csv", "--output", "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(_labels(tmp_path / "out")["report_id"]) == ["00123", "r3"]  # '00123' kept
+    errors = _errors(tmp_path / "out")
+    assert errors["report_id"].tolist() == ["r2"]
+    assert re.match(r"text of report r2 is not valid utf-8 .*\\xe9.*pass --encoding",
+                    errors["reason"][0])
+
+    whole = tmp_path / "windows.csv"  # a file wholly in cp1252: --encoding reads every row
+    whole.write_bytes("report_id,text\nr1,C\xe9ur \xe9largi.\nr2,Normal.\n".encode("cp1252"))
+    run = _run_cli(tmp_path, "--input", "windows.csv", "--output", "out2", "--encoding", "cp1252")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(_labels(tmp_path / "out2")["report_id"]) == ["r1", "r2"]
+    assert _errors(tmp_path / "out2").empty
+
+
+@pytest.mark.timeout(300)
+def test_json_lines_that_cannot_be_read_go_to_errors_with_their_line(tmp_path):
+    (tmp_path / "reports.jsonl").write_bytes(
+        b'{"report_id": "00123", "text": "FINDINGS: Normal."}\n{not json}\n[1, 2]\n'
+        b'{"report_id": "r4", "text": "C\xe9ur"}\n{"text": "no id"}\n'
+        b'{"report_id": "r6", "text": "Cardiomegaly."}\n')
+    run = _run_cli(tmp_path, "--input", "reports.jsonl", "--output", "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(_labels(tmp_path / "out")["report_id"]) == ["00123", "r6"]
+    reasons = sorted(_errors(tmp_path / "out")["reason"])
+    assert len(reasons) == 4
+    assert any(r.startswith("line 2 of ") and "is not JSON" in r and "fix or remove" in r
+               for r in reasons)
+    assert any(r.startswith("line 3 of ") and "not a JSON object" in r for r in reasons)
+    assert any(r.startswith("line 4 of ") and "not valid utf-8" in r for r in reasons)
+    assert any(r.startswith("missing id") for r in reasons)
+    again = _run_cli(tmp_path, "--input", "reports.jsonl", "--output", "out")
+    assert again.returncode == 0 and "error_rows=0" in again.stdout  # reported once
