@@ -26,25 +26,9 @@ def sample_file(name: str) -> str:
 
 
 def default_engine() -> EngineConfig:
-    # bf16 halves the time on a CPU with bf16 instructions (measured); it moves Qwen's scores by
-    # up to ~0.005 with batch composition, which a demo whose calibration is made in the same
-    # run can afford. Without them (AVX2 only) torch emulates bf16 and it is several times
-    # slower than fp32, so "auto" (fp32 on CPU) is used there.
-    dtype = "bfloat16" if native_bf16() else "auto"
-    return EngineConfig(model="qwen2.5-coder-1.5b-instruct", dtype=dtype)
-
-
-def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """A GPU, or a CPU whose flags include bf16 arithmetic (AVX512-BF16 or AMX)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:  # not Linux: stay with fp32, always correct
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    # dtype "auto": bf16 where it is native, fp32 elsewhere (ray_app/engines/devices.py), the
+    # same rule as any job that names the model.
+    return EngineConfig(model="qwen2.5-coder-1.5b-instruct", dtype="auto")
 
 
 def sample_job_config(output: str, engine: EngineConfig | None = None) -> LabelJobConfig:

@@ -19,7 +19,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_engine(tiny_model_dir):
     from ray_app.engines import EngineConfig, make_engine
 
-    return make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=4, max_new_tokens=12))
+    return make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=4, max_new_tokens=12))
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_bf16_only_where_the_cpu_has_it(tmp_path):
     """bf16 is emulated (several times slower than fp32) on a CPU without bf16 instructions."""
     import torch
 
-    from ray_app.embedded_default import native_bf16
+    from ray_app.engines.devices import native_bf16
 
     if torch.cuda.is_available():
         pytest.skip("a GPU always takes bf16")

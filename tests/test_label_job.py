@@ -135,7 +135,7 @@ def test_end_to_end_tiny_model_with_bad_rows(tmp_path, tiny_model_dir):
     pd.DataFrame(_good_rows()[:6] + _bad_csv_rows() + _good_rows()[6:]).to_csv(reports, index=False)
     conditions = ["spinal_cancer", "spinal_canal_stenosis"]
     cfg = LabelJobConfig(input=str(reports), output=str(tmp_path / "out"), conditions=conditions,
-                         engine=EngineConfig(model=str(tiny_model_dir), batch_size=4),
+                         engine=EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=4),
                          reports_per_batch=5)
     summary = run_label_job(cfg)
 
@@ -198,7 +198,7 @@ def test_jsonl_with_non_string_texts_does_not_fail_the_job(tmp_path, tiny_model_
     reports.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = LabelJobConfig(input=str(reports), output=str(tmp_path / "out"),
                          conditions=["spinal_cancer"], reports_per_batch=3,
-                         engine=EngineConfig(model=str(tiny_model_dir), batch_size=4))
+                         engine=EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=4))
     summary = run_label_job(cfg)
 
     labels = _labels(cfg.output)
@@ -398,7 +398,7 @@ def test_dry_run_labels_never_mix_with_a_model(tmp_path, tiny_model_dir):
 def test_calibrated_labels_and_refused_calibration(tmp_path, tiny_model_dir):
     reports = tmp_path / "reports.csv"
     pd.DataFrame(_good_rows()).to_csv(reports, index=False)
-    engine = EngineConfig(model=str(tiny_model_dir), batch_size=4)
+    engine = EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=4)
     conditions = ["spinal_cancer", "spinal_canal_stenosis"]
     first = LabelJobConfig(input=str(reports), output=str(tmp_path / "scores"),
                            conditions=conditions, engine=engine, reports_per_batch=6)
@@ -459,7 +459,7 @@ def test_long_report_is_shortened_flagged_and_labelled(tmp_path, tiny_model_dir)
     pd.DataFrame(rows).to_csv(reports, index=False)
     cfg = LabelJobConfig(input=str(reports), output=str(tmp_path / "out"),
                          conditions=["spinal_canal_stenosis"],
-                         engine=EngineConfig(model=str(tiny_model_dir), batch_size=4,
+                         engine=EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=4,
                                              max_context_tokens=420))
     summary = run_label_job(cfg)
     labels = _labels(cfg.output)

@@ -102,7 +102,7 @@ def test_calibration_for_another_model_is_refused(tiny_engine, conditions):
 
 
 def test_long_report_is_shortened_keeping_the_impression(tiny_model_dir, conditions):
-    engine = make_engine(EngineConfig(model=str(tiny_model_dir), max_context_tokens=400))
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), max_context_tokens=400))
     findings = " ".join(f"Finding number {i} is unremarkable." for i in range(200))
     report = f"FINDINGS: {findings}\nIMPRESSION: Severe stenosis at L4-L5."
     labeller = Labeller(engine, conditions[1:])

@@ -32,7 +32,9 @@ class EngineConfig:
     )
     dtype: str = field(
         default="auto",
-        metadata={"doc": "'float32', 'bfloat16', 'float16' or 'auto' (bf16 on GPU, fp32 on CPU)."},
+        metadata={"doc": "'float32', 'bfloat16', 'float16' or 'auto': bf16 on a GPU or a CPU with "
+                  "native bf16 (AVX512-BF16/AMX), fp32 elsewhere; float32 for scores that do "
+                  "not move with batch composition."},
     )
     device: str = field(default="auto", metadata={"doc": "'auto', 'cpu' or 'cuda'."})
     batch_size: int = field(default=8, metadata={"doc": "Prompts per scoring forward pass."})

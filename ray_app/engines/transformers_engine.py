@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from ray_app.engines.devices import resolve_device, resolve_dtype
 from ray_app.engines.base import (
     ChatFormatter, Engine, EngineConfig, FollowUps, Generation, model_identity, split_by_lengths,
 )
@@ -20,22 +21,6 @@ from ray_app.scoring import AnswerTokens
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # fp32 on CPU: bf16 there moves scores with batch composition (measured up to 0.04).
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {['auto', *_DTYPES]}")
-    return _DTYPES[dtype]
 
 
 def yes_scores(last_logits: torch.Tensor, tokens: AnswerTokens) -> torch.Tensor:

@@ -39,7 +39,7 @@ def test_penalise_matches_transformers_processor():
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return make_engine(EngineConfig(model=str(tiny_model_dir), max_new_tokens=24,
+    return make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), max_new_tokens=24,
                                     repetition_penalty=1.15))
 
 

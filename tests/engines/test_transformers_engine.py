@@ -50,8 +50,8 @@ def test_scores_match_unbatched_forward(tiny_engine, conversations):
 
 
 def test_shared_prefix_path_equals_plain_batching(tiny_model_dir, conversations):
-    shared = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=3, min_shared_prefix=8))
-    plain = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=3,
+    shared = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=3, min_shared_prefix=8))
+    plain = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=3,
                                      min_shared_prefix=10**9))
     encoded = [shared.formatter.token_ids(c) for c in conversations]
     groups = shared_prefix_groups(encoded, 8)
@@ -61,7 +61,7 @@ def test_shared_prefix_path_equals_plain_batching(tiny_model_dir, conversations)
 
 
 def test_scores_do_not_depend_on_order_or_batch_size(tiny_model_dir, conversations):
-    engine = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=5))
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=5))
     forward = engine.score(conversations)
     backward = engine.score(conversations[::-1])[::-1]
     assert max(abs(x - y) for x, y in zip(forward, backward)) < 1e-5
@@ -158,7 +158,7 @@ def _force_round_trip_summaries(engine) -> tuple[list[int], list[int]]:
 def test_generate_then_score_on_cache_equals_fresh_encoding(tiny_model_dir, rewrite):
     """Scoring the follow-ups on generation's KV cache gives a fresh encoding's scores, however
     much of the generated summary the follow-up conversation actually shares."""
-    engine = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=4, max_new_tokens=12))
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=4, max_new_tokens=12))
     reused, from_generation = _force_round_trip_summaries(engine)
     stenosis = load_condition("spinal_canal_stenosis")
     requests = [prompts.summary_request_conversation(prompts.DEFAULT_TEMPLATE, stenosis, r)
@@ -191,7 +191,7 @@ def test_generate_then_score_default_matches_override(tiny_model_dir):
     path agree: the override is an optimisation, not a different method."""
     from ray_app.engines.base import Engine
 
-    engine = make_engine(EngineConfig(model=str(tiny_model_dir), batch_size=2, max_new_tokens=12))
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=2, max_new_tokens=12))
     cancer = load_condition("spinal_cancer")
     requests = [prompts.summary_request_conversation(prompts.DEFAULT_TEMPLATE, cancer, r)
                 for r in REPORTS]
@@ -205,7 +205,7 @@ def test_generate_then_score_default_matches_override(tiny_model_dir):
 def test_generation_stops_at_the_engines_current_stop_ids(tiny_model_dir, monkeypatch):
     """The tiny random model never ends its turn by itself: make its first greedy token a stop
     id after loading, and generation must stop right after it."""
-    engine = make_engine(EngineConfig(model=str(tiny_model_dir), max_new_tokens=12))
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), max_new_tokens=12))
     request = prompts.summary_request_conversation(
         prompts.DEFAULT_TEMPLATE, load_condition("spinal_cancer"), REPORTS[0])
     ids = torch.tensor([engine.formatter.token_ids(request)])

@@ -86,7 +86,7 @@ def test_adapter_changes_scores_and_not_base_weights(runs, tiny_model_dir, tiny_
 
     adapter = Path(runs[1][0].output) / "adapter"
     assert all("lora_" in key for key in load_file(str(adapter / "adapter_model.safetensors")))
-    tuned = make_engine(EngineConfig(model=str(tiny_model_dir), adapter=str(adapter),
+    tuned = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), adapter=str(adapter),
                                      batch_size=4))
     conversations = _conversations()
     base_scores = tiny_engine.score(conversations)
@@ -97,6 +97,6 @@ def test_adapter_changes_scores_and_not_base_weights(runs, tiny_model_dir, tiny_
     provenance = json.loads((adapter / "training_provenance.json").read_text())
     assert provenance["base_model"] == str(tiny_model_dir) and provenance["mode"] == "summary"
 
-    merged = make_engine(EngineConfig(model=str(Path(runs[1][0].output) / "merged"),
+    merged = make_engine(EngineConfig(dtype="float32", model=str(Path(runs[1][0].output) / "merged"),
                                       batch_size=4))
     assert merged.score(conversations) == pytest.approx(tuned_scores, abs=1e-4)
