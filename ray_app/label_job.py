@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ import pyarrow.fs as pafs
 from ray_app import placement, resume
 from ray_app import report_tables as tables
 from ray_app.placement import Placement
+from ray_app.progress import Progress
 from ray_app.calibration import Calibration, CalibrationError
 from ray_app.conditions import Condition, load_conditions
 from ray_app.engines import EngineConfig, make_engine
@@ -201,7 +203,9 @@ class LabelActor:
         if rows:
             table = pa.Table.from_pylist(rows, schema=tables.LABEL_SCHEMA)
             tables.write_table_atomically(table, self.out.child("labels"), key=key)
+        pairs = sum(len(t.conditions or ()) for t in tasks)
         return pd.DataFrame({"reports": [len(tasks)], "rows": [len(rows)], "errors": [len(errors)],
+                             "pairs": [pairs],
                              "seen": [len(batch)], "peak_rss_mb": [peak_rss_mb()],
                              "private_mb": [private_mb()]})
 
@@ -388,8 +392,9 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     fmt = tables.table_format(cfg.input, cfg.input_format)
     conditions = load_conditions(cfg.conditions)
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
+    for column in (cfg.id_column, cfg.text_column):  # fail fast on a bad input or column,
+        tables.require_column(src, fmt, column, cfg.encoding)  # before the output is written
     check_resume(out, _manifest(cfg, conditions, calibration))
-    tables.require_column(src, fmt, cfg.text_column, cfg.encoding)  # fail fast on a wrong column
     state = resume.finished_state(out)
     scan = resume.scan_ids(lambda: tables.iter_column(src, fmt, cfg.id_column, cfg.encoding),
                            [c.name for c in conditions], state.done)
@@ -400,7 +405,9 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     totals = {"reports": 0, "rows": 0, "errors": 0}
     if cfg.limit or scan.duplicates or scan.missing_ids or scan.pairs_to_do:
         try:
-            totals = _run_pipeline(cfg, src, fmt, scan.rows, state)
+            to_do = scan.pairs_to_do if not cfg.limit else min(
+                scan.pairs_to_do, cfg.limit * len(conditions))
+            totals = _run_pipeline(cfg, src, fmt, to_do, state)
         except Exception as err:
             failures = engine_failures_since(out, started_ns)
             if not failures:
@@ -424,14 +431,17 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     return summary
 
 
-def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, n_rows: int,
+def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, pairs_to_do: int,
                   state: resume.ResumeState) -> dict[str, float]:
     import ray
     import ray.data
 
+    quiet_ray()
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+        ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
     where = actor_placement(cfg)
+    log.info("labelling %d (report, condition) pairs; the first results come once the engine "
+             "actors have started and loaded the model", pairs_to_do)
     engine = cfg.engine
     if not where.use_gpu and engine.cpu_threads is None:
         engine = replace(engine, cpu_threads=where.cpu_threads)
@@ -450,7 +460,7 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, n_rows: int,
         # Ray restarts a dead actor and re-runs its batch; a batch re-run replaces its files.
         max_restarts=cfg.engine_restarts, max_task_retries=-1, **where.remote_args(),
     )
-    return _follow_progress(stats, n_rows if not cfg.limit else min(cfg.limit, n_rows), cfg)
+    return _follow_progress(stats, pairs_to_do, cfg)
 
 
 def _min_actors(cfg: LabelJobConfig, where: Placement) -> int:
@@ -478,18 +488,33 @@ def _plan_batch(batch: pd.DataFrame, cfg: LabelJobConfig, fmt: str, conditions: 
     return resume.plan_batch(batch, cfg.id_column, cfg.text_column, conditions, state)
 
 
-def _follow_progress(stats, expected_rows: int, cfg: LabelJobConfig) -> dict[str, float]:
-    """Drive the pipeline and log progress every few seconds."""
-    totals = {"reports": 0, "rows": 0, "errors": 0, "seen": 0}
+def _follow_progress(stats, expected_pairs: int, cfg: LabelJobConfig) -> dict[str, float]:
+    """Drive the pipeline; show (report, condition) pairs done, rate and time left."""
+    totals = {"reports": 0, "rows": 0, "errors": 0, "seen": 0, "pairs": 0}
     peaks = {"peak_rss_mb": 0.0, "private_mb": 0.0}
-    started = last = time.monotonic()
-    for batch in stats.iter_batches(batch_size=None, batch_format="pandas"):
-        for key in totals:
-            totals[key] += int(batch[key].sum())
-        peaks = {k: max(v, float(batch[k].max())) for k, v in peaks.items()}
-        now = time.monotonic()
-        if now - last >= cfg.progress_every_s:
-            last = now
-            log.info("progress: %d reports labelled, %d errors, %.1f reports/s",
-                     totals["reports"], totals["errors"], totals["reports"] / (now - started))
+    progress = Progress(expected_pairs, "pairs", cfg.progress_every_s)
+    try:
+        for batch in stats.iter_batches(batch_size=None, batch_format="pandas"):
+            for key in totals:
+                totals[key] += int(batch[key].sum())
+            peaks = {k: max(v, float(batch[k].max())) for k, v in peaks.items()}
+            progress.update(int(batch["pairs"].sum()))
+    finally:
+        progress.close()
     return {**totals, **peaks}
+
+
+def quiet_ray() -> None:
+    """Keep Ray's own progress tables and start-up chatter for its log files (they name
+    operators, not reports); warnings and errors still reach the user."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
+    # Actor fault tolerance is set through map_batches' remote arguments, which Ray 2.60 has
+    # deprecated without a named replacement for max_restarts.
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
