@@ -20,7 +20,7 @@ def test_progress_lines_measure_the_rate_after_the_first_result(monkeypatch, cap
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "100/1,000 pairs (10.0%), rate not known yet"
     assert lines[1] == "200/1,000 pairs (20.0%), 10.00 pairs/s, about 80 s left"
-    assert lines[2] == "200/1,000 pairs (20.0%), 5.00 pairs/s, about 160 s left"
+    assert lines[2] == "200/1,000 pairs (20.0%), 5.00 pairs/s, about 3 min left"
 
 
 def test_waiting_line_and_durations():
