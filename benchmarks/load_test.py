@@ -1,5 +1,7 @@
 """Load test of the labelling endpoint: throughput and p50 / p95 / p99 latency at rising
-concurrency, with dynamic batching on and off, side by side in one run.
+concurrency, with dynamic batching on and off, side by side in one run; also how many requests
+each engine call took on average (from the app's /v1/stats), and the slowest GET /readyz of a
+probe sent every 0.25 s during each level (the labeller replica must answer while it works).
 
     python benchmarks/load_test.py --model tiny                      # a tiny random model
     python benchmarks/load_test.py --model smollm2-135m-instruct --concurrency 1 4 16
@@ -17,7 +19,9 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,10 +45,41 @@ def post(url: str, report: str) -> float:
     return time.perf_counter() - started
 
 
+def engine_stats(url: str) -> dict | None:
+    """Engine calls and requests so far (GET /v1/stats), or None where the app does not say."""
+    try:
+        with urllib.request.urlopen(f"{url}/v1/stats", timeout=30) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+
+
+def probe(url: str) -> float:
+    """Seconds GET /readyz takes (it asks the labeller replica; 503 after 5 s without an answer);
+    300 where no answer comes at all."""
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=300) as response:
+            response.read()
+    except urllib.error.HTTPError:
+        pass  # 503 "not ready": an answer all the same, timed like one
+    except OSError:
+        return 300.0
+    return time.perf_counter() - started
+
+
 def run_level(url: str, concurrency: int, requests: int, max_seconds: float) -> dict:
-    """Keep `concurrency` requests in flight until `requests` are done or time is up."""
+    """Keep `concurrency` requests in flight until `requests` are done or time is up, probing
+    /readyz every 0.25 s meanwhile (a replica busy with the model should still answer)."""
     deadline = time.monotonic() + max_seconds
+    before = engine_stats(url)
     latencies: list[float] = []
+    probes: list[float] = []
+    done = threading.Event()
+
+    def prober() -> None:
+        while not done.wait(0.25):
+            probes.append(probe(url))
 
     def worker(i: int) -> None:
         n = i
@@ -52,14 +87,23 @@ def run_level(url: str, concurrency: int, requests: int, max_seconds: float) -> 
             latencies.append(post(url, REPORTS[n % len(REPORTS)]))
             n += concurrency
 
+    probing = threading.Thread(target=prober, daemon=True)
+    probing.start()
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
     elapsed = time.perf_counter() - started
+    done.set()
+    probing.join()
+    after = engine_stats(url)
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 \
         else latencies * 99
+    calls = after["batches"] - before["batches"] if before and after else 0
     return {"concurrency": concurrency, "requests": len(latencies),
-            "throughput": len(latencies) / elapsed, "p50": q[49], "p95": q[94], "p99": q[98]}
+            "throughput": len(latencies) / elapsed, "p50": q[49], "p95": q[94], "p99": q[98],
+            # requests per engine call (dynamic batching at work); nan where /v1/stats is closed
+            "per_call": (after["requests"] - before["requests"]) / calls if calls else float("nan"),
+            "probe_max": max(probes, default=float("nan"))}
 
 
 def serve_locally(engine: dict, max_batch_size: int, port: int) -> str:
@@ -90,11 +134,12 @@ def measure(url: str, args: argparse.Namespace) -> list[dict]:
 
 def table(results: dict[str, list[dict]]) -> str:
     lines = [f"{'batching':9} {'conc':>4} {'reqs':>5} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} "
-             f"{'p99 s':>7}"]
+             f"{'p99 s':>7} {'req/call':>8} {'readyz max s':>12}"]
     for name, rows in results.items():
         for r in rows:
             lines.append(f"{name:9} {r['concurrency']:4d} {r['requests']:5d} "
-                         f"{r['throughput']:7.2f} {r['p50']:7.3f} {r['p95']:7.3f} {r['p99']:7.3f}")
+                         f"{r['throughput']:7.2f} {r['p50']:7.3f} {r['p95']:7.3f} {r['p99']:7.3f} "
+                         f"{r['per_call']:8.1f} {r['probe_max']:12.3f}")
     if {"on", "off"} <= set(results):
         for on, off in zip(results["on"], results["off"]):
             lines.append(f"concurrency {on['concurrency']}: batching on / off throughput = "
@@ -110,6 +155,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="at most this many per level")
     parser.add_argument("--max-seconds", type=float, default=60, help="at most this long per level")
     parser.add_argument("--batch-size", type=int, default=16, help="batching on: requests merged")
+    parser.add_argument("--batching", nargs="+", choices=["on", "off"], default=["on", "off"],
+                        help="which settings to measure (without --url)")
     args = parser.parse_args()
     if args.url:
         if urlparse(args.url).hostname not in LOOPBACK:
@@ -121,7 +168,8 @@ def main() -> None:
 
     ray.init(include_dashboard=False, log_to_driver=False)
     results = {}
-    for name, size in (("on", args.batch_size), ("off", 1)):
+    for name in args.batching:
+        size = args.batch_size if name == "on" else 1
         url = serve_locally(engine_for(args.model, size), size, port=18321)
         results[name] = measure(url, args)
         serve.shutdown()

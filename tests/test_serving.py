@@ -36,6 +36,29 @@ class SlowEngine(DryRunEngine):
         return super().score(conversations)
 
 
+class BusyEngine(DryRunEngine):
+    """Dry-run scores after a long pause (a model at work), refusing to be called twice at once:
+    the engine of a replica must never run two calls together."""
+
+    name = "busy"
+    seconds = 3.0
+    _active = 0
+    _lock = threading.Lock()
+
+    def score(self, conversations):
+        with BusyEngine._lock:
+            BusyEngine._active += 1
+            overlapping = BusyEngine._active > 1
+        try:
+            if overlapping:
+                raise RuntimeError("two engine calls at once")
+            time.sleep(self.seconds)
+            return super().score(conversations)
+        finally:
+            with BusyEngine._lock:
+                BusyEngine._active -= 1
+
+
 @pytest.fixture(scope="module")
 def endpoint(tiny_model_dir, tiny_engine, tmp_path_factory):
     ray = pytest.importorskip("ray")
@@ -60,6 +83,20 @@ def endpoint(tiny_model_dir, tiny_engine, tmp_path_factory):
     yield BASE
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def busy_endpoint(endpoint):
+    """An app at /busy whose engine takes 3 s a call (torn down with the others)."""
+    from ray import serve
+
+    from ray_app.serving import AppArgs, Gateway, LabellerDeployment
+
+    busy = AppArgs(conditions=["spinal_cancer"], engine={"engine": "test_serving:BusyEngine"},
+                   allow_uncalibrated=True, max_batch_size=8)
+    serve.run(Gateway.bind(busy, LabellerDeployment.bind(busy)), name="busy",
+              route_prefix="/busy")
+    return endpoint
 
 
 def tiny_calibration(engine, path) -> str:
@@ -161,6 +198,44 @@ def test_report_text_never_reaches_the_logs(endpoint):
         for name in files:
             with open(os.path.join(folder, name), errors="ignore") as f:
                 assert SECRET not in f.read(), name
+
+
+@pytest.mark.timeout(120)
+def test_replica_answers_and_takes_requests_while_the_engine_works(busy_endpoint):
+    """The engine runs off the replica's event loop: while a 3 s engine call is in flight, calls
+    that reach the labeller replica (/v1/stats, /readyz) answer at once, and two requests sent
+    0.3 s apart meanwhile are both served, together in the engine's next call."""
+    status, before = call("/busy/v1/stats", method="GET")
+    assert status == 200, before
+    results: dict[str, tuple[int, dict]] = {}
+
+    def send(key: str) -> None:
+        results[key] = label(f"FINDINGS: busy report {key}.", prefix="/busy")
+
+    started = time.monotonic()
+    first = threading.Thread(target=send, args=("first",))
+    first.start()
+    time.sleep(0.6)  # the first request is in the engine now (3 s)
+    for path, expected in (("/v1/stats", None), ("/readyz", {"status": "ready"})):
+        asked = time.monotonic()
+        status, body = call(f"/busy{path}", method="GET")
+        waited = time.monotonic() - asked
+        assert status == 200 and (expected is None or body == expected), (path, status, body)
+        assert waited < 1.0, f"{path} took {waited:.2f} s while the engine worked"
+    followers = [threading.Thread(target=send, args=(key,)) for key in ("second", "third")]
+    for thread in followers:
+        thread.start()
+        time.sleep(0.3)
+    assert time.monotonic() - started < BusyEngine.seconds, "sent after the first call ended"
+    for thread in (first, *followers):
+        thread.join(timeout=60)
+    assert sorted(results) == ["first", "second", "third"], results
+    assert all(status == 200 and len(body["results"]) == 1
+               for status, body in results.values()), results
+    _, after = call("/busy/v1/stats", method="GET")
+    assert after["requests"] - before["requests"] == 3
+    assert after["batches"] - before["batches"] == 2, (before, after)  # first; second + third
+    assert time.monotonic() - started < 3 * BusyEngine.seconds
 
 
 def test_overload_is_answered_with_503_not_a_hang(endpoint):
