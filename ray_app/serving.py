@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -42,11 +42,15 @@ from ray_app.request_safety import (
 )
 
 log = logging.getLogger(__name__)
+READY_WITHIN_S = 10.0  # /readyz trusts a backend that answered a call this recently
 api = FastAPI(title="ray_app", version="0.1",
               description="Calibrated labels from radiology reports, and MRI predictions.")
 
 
 class AppArgs(BaseModel):
+    # A misspelt argument (max_batch_sise: 32) is refused by name instead of silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
     conditions: list[str] = Field(description="Condition names or YAML paths to serve.")
     method: str = Field("direct", description="'direct' or 'summary'.")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields.")
@@ -245,6 +249,7 @@ class Gateway:
                                    "environment variable is empty on this node; set it, or "
                                    "remove auth_token_env to serve without auth")
         self._info: dict | None = None
+        self._answered: dict[str, float] = {}  # backend -> when it last answered a call
 
     async def _guard(self, request: Request, authorization: str | None, limit: int) -> None:
         check_bearer(authorization, self.token)
@@ -258,7 +263,9 @@ class Gateway:
         deadline = time.monotonic() + self.args.retry_timeout_s
         while True:
             try:
-                return await getattr(handle, method).remote(*args)
+                result = await getattr(handle, method).remote(*args)
+                self._answered[handle.deployment_name] = time.monotonic()
+                return result
             except BackPressureError:
                 raise RequestRejected(503, "the service is at capacity; retry in a moment")
             except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as err:
@@ -344,10 +351,14 @@ class Gateway:
 
     @api.get("/readyz")
     async def ready(self) -> JSONResponse:
+        """Ready when every backend answers. A backend that answered any call in the last
+        READY_WITHIN_S seconds is not asked again: under load its request slots are full of
+        label requests, and a probe queued behind them would time out on a working replica."""
         try:
-            await asyncio.wait_for(self._call(self.labeller, "info"), timeout=5)
-            if self.mri is not None:
-                await asyncio.wait_for(self._call(self.mri, "info"), timeout=5)
+            for backend in filter(None, (self.labeller, self.mri)):
+                last = self._answered.get(backend.deployment_name, -READY_WITHIN_S)
+                if time.monotonic() - last > READY_WITHIN_S:
+                    await asyncio.wait_for(self._call(backend, "info"), timeout=5)
         except (asyncio.TimeoutError, RequestRejected) as err:
             return JSONResponse(status_code=503, content={"status": "not ready",
                                                           "detail": str(err) or "timeout"})
