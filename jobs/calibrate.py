@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import pandas as pd
 
-from ray_app.calibration import DEFAULT_TARGET, build_calibration, describe
+from ray_app.calibration import DEFAULT_TARGET, SOURCE_COLUMN, build_calibration, describe
+from ray_app.cli import run_job
 from ray_app.report_tables import read_label_rows
 from ray_app.review import load_truth
 
@@ -29,7 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--labels", required=True, nargs="+",
                         help="output folder(s) of jobs/label_reports.py (local or s3://), made "
-                             "with one model, method and prompt")
+                             "with one model, engine, method, prompt and condition definitions")
     parser.add_argument("--truth", required=True, nargs="+", help="hand-label CSV file(s)")
     parser.add_argument("--out", required=True, help="calibration JSON to write")
     parser.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET,
@@ -43,8 +43,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    labels = pd.concat([read_label_rows(path, args.s3_endpoint) for path in args.labels],
-                       ignore_index=True)
+    # Each row keeps the folder it came from: folders made with different models, engines,
+    # prompts or definitions are refused by name (calibration.check_one_setup).
+    labels = pd.concat([read_label_rows(path, args.s3_endpoint).assign(**{SOURCE_COLUMN: path})
+                        for path in args.labels], ignore_index=True)
     truth = load_truth(args.truth)
     calibration = build_calibration(labels, truth, args.target_sensitivity,
                                     args.target_specificity)
@@ -62,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

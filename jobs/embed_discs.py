@@ -9,8 +9,8 @@ series and level (GPU actors where the cluster has GPUs, CPU actors otherwise).
 from __future__ import annotations
 
 import logging
-import sys
 
+from ray_app.cli import run_job
 from ray_app.imaging.embed_job import EmbedJobConfig, run_embed_job
 from ray_app.imaging.job_flags import config_from_args, parser_for
 
@@ -22,4 +22,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

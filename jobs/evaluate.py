@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import fields
 from pathlib import Path
 
 from ray_app.calibration import Calibration
+from ray_app.cli import run_job
 from ray_app.evaluation import EvaluationConfig, Run, evaluate_runs, scored_rows, split_reports
 from ray_app.evaluation_report import write_report
 from ray_app.report_tables import read_label_rows
@@ -48,7 +48,7 @@ def named(pairs: list[str], what: str) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name or not value:
-            raise SystemExit(f"{what} {pair!r}: expected NAME=PATH")
+            raise SystemExit(f"{what} {pair!r}: expected NAME=PATH")  # ray_app.cli: exit 2
         parsed[name] = value
     return parsed
 
@@ -77,4 +77,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import pandas as pd
+import pyarrow.parquet as pq
 
+from ray_app.cli import ColumnError, run_job
 from ray_app.report_tables import read_label_rows
 from ray_app.review import load_truth, review_rows, write_review
 
@@ -35,8 +36,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def read_reports(path: str, id_column: str, text_column: str) -> pd.DataFrame:
-    frame = (pd.read_parquet(path, columns=[id_column, text_column]) if path.endswith(".parquet")
-             else pd.read_csv(path, usecols=[id_column, text_column], dtype={id_column: str}))
+    wanted = (id_column, text_column)
+    if path.endswith(".parquet"):
+        names = pq.read_schema(path).names
+        frame = pd.read_parquet(path, columns=[c for c in wanted if c in names])
+    else:
+        frame = pd.read_csv(path, usecols=lambda c: c in wanted, dtype={id_column: str})
+        names = list(pd.read_csv(path, nrows=0).columns)
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise ColumnError(f"column(s) {missing} not in {path} (columns: {names}); set "
+                          "--id-column / --text-column")
     return frame.rename(columns={id_column: "report_id", text_column: "text"})
 
 
@@ -52,4 +62,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

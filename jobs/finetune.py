@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 import yaml
 
+from ray_app.cli import run_job
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.ray_job import run_finetune
 
@@ -29,6 +29,9 @@ def build_config(argv: list[str]) -> FinetuneConfig:
     args = parser.parse_args(argv)
     with open(args.config) as f:
         data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"{args.config}: expected a mapping of fine-tuning settings, got "
+                         f"{type(data).__name__}")
     for item in args.set:
         name, sep, value = item.partition("=")
         if not sep:
@@ -37,7 +40,7 @@ def build_config(argv: list[str]) -> FinetuneConfig:
     try:
         return FinetuneConfig.from_dict(data)
     except (TypeError, ValueError) as err:  # missing or unknown fields, bad values
-        raise SystemExit(f"{args.config}: {err}") from err
+        raise SystemExit(f"{args.config}: {err}") from err  # ray_app.cli: one line, exit 2
 
 
 def main(argv: list[str]) -> None:
@@ -49,4 +52,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import fields
 
 import yaml
 
+from ray_app.cli import InputError, run_job
 from ray_app.engines import EngineConfig
-from ray_app.label_job import EngineFailedError, LabelJobConfig, run_label_job
+from ray_app.label_job import LabelJobConfig, run_label_job
 
 _ENGINE_FLAGS = ("engine", "model", "dtype", "device", "batch_size", "generate_batch_size",
                  "draft_tokens", "max_context_tokens", "max_new_tokens", "repetition_penalty",
@@ -45,8 +45,11 @@ def _add_flag(parser, f, nargs=None, prefix=""):
 
 
 def build_config(args: argparse.Namespace) -> LabelJobConfig:
-    data = yaml.safe_load(open(args.config)) if args.config else {}
-    engine = dict(data.pop("engine", {}) or {})
+    data = _read_config(args.config) if args.config else {}
+    engine = data.pop("engine", {}) or {}
+    if not isinstance(engine, dict):
+        raise InputError(f"{args.config}: 'engine' must be a mapping of engine settings")
+    engine = dict(engine)
     for name in _ENGINE_FLAGS:
         if getattr(args, name, None) is not None:
             engine[name] = getattr(args, name)
@@ -55,9 +58,29 @@ def build_config(args: argparse.Namespace) -> LabelJobConfig:
             data[f.name] = getattr(args, f.name)
     missing = [k for k in ("input", "output", "conditions") if not data.get(k)]
     if missing:
-        raise SystemExit(f"missing {', '.join('--' + m for m in missing)} (or run with no "
+        raise InputError(f"missing {', '.join('--' + m for m in missing)} (or run with no "
                          "arguments for the embedded default)")
-    return LabelJobConfig(**data, engine=EngineConfig.from_dict(engine))
+    source = args.config or "the command line"
+    try:
+        engine_config = EngineConfig.from_dict(engine)
+    except (TypeError, ValueError) as err:  # unknown or mistyped engine settings
+        raise InputError(f"{source}: engine: {err}") from err
+    known = {f.name for f in fields(LabelJobConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"{source}: unknown field(s) {unknown}; known: {sorted(known)}")
+    return LabelJobConfig(**data, engine=engine_config)
+
+
+def _read_config(path: str) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"config {path}: expected a mapping of job fields, got "
+                         f"{type(data).__name__}")
+    return data
 
 
 def main(argv: list[str]) -> None:
@@ -67,12 +90,10 @@ def main(argv: list[str]) -> None:
 
         run_embedded_default("ray_app_output/sample")
         return
-    try:
-        summary = run_label_job(build_config(parse_args(argv)))
-    except EngineFailedError as err:  # the cause, not Ray's traceback of the dead actor
-        raise SystemExit(f"label job stopped: {err}") from None
-    print(summary)
+    # Errors end in one line (ray_app.cli): an engine that kept dying (EngineFailedError) as
+    # "failed" with its cause, not Ray's traceback of the dead actor.
+    print(run_label_job(build_config(parse_args(argv))))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

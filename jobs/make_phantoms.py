@@ -8,8 +8,9 @@ levels, stenosis and vertebral lesions at random, reports, truth labels, disc lo
 from __future__ import annotations
 
 import logging
-import sys
+from pathlib import Path
 
+from ray_app.cli import InputError, run_job
 from ray_app.imaging.job_flags import config_from_args, parser_for
 from ray_app.imaging.phantoms import PhantomConfig, make_phantom_dataset
 
@@ -19,10 +20,15 @@ def main(argv: list[str]) -> None:
     parser = parser_for(PhantomConfig, __doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder to write the dataset into")
     args = parser.parse_args(argv)
+    try:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create output folder {args.output}: {err.strerror or err}; "
+                         "check --output") from err
     paths = make_phantom_dataset(args.output, config_from_args(PhantomConfig, args))
     for name, path in paths.items():
         print(f"{name}: {path}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ray_app.calibration import build_calibration, describe
+from ray_app.cli import run_job
 from ray_app.label_job import run_label_job
 from ray_app.prompt_selection import rank_variants
 from ray_app.prompts import load_prompt_variants
@@ -62,4 +63,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
+from ray_app.cli import run_job
 from ray_app.imaging.cnn import CNNConfig
 from ray_app.imaging.cnn_train_job import run_cnn_training
 from ray_app.imaging.job_flags import config_from_args, parser_for
@@ -25,4 +25,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
+from ray_app.cli import run_job
 from ray_app.imaging.job_flags import config_from_args, parser_for
 from ray_app.imaging.mri_training import TrainClassifierConfig, train_mri_classifier
 
@@ -24,4 +24,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

@@ -113,9 +113,13 @@ class Calibration:
     def load(cls, path: str | Path) -> "Calibration":
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CalibrationError(f"cannot read calibration file {path}: {err}") from err
-        if data.pop("format_version", None) not in READABLE_VERSIONS:
+        except OSError as err:
+            raise CalibrationError(f"cannot read calibration file {path}: "
+                                   f"{err.strerror or err}; check --calibration") from err
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:  # binary, or text not JSON
+            raise CalibrationError(f"cannot read calibration file {path}: not JSON ({err}); "
+                                   "pass the JSON file that jobs/calibrate.py wrote") from err
+        if not isinstance(data, dict) or data.pop("format_version", None) not in READABLE_VERSIONS:
             raise CalibrationError(f"{path}: not a ray_app calibration (formats "
                                    f"{READABLE_VERSIONS}); make one with jobs/calibrate.py")
         data.pop("calibration_id", None)
@@ -222,18 +226,59 @@ def join_truth(scores: pd.DataFrame, truth: pd.DataFrame, how: str = "inner") ->
     return scored.merge(truth[[*TRUTH_KEY, "label"]], on=TRUTH_KEY, how=how)
 
 
+SETUP_COLUMNS = ("model", "engine", "method", "prompt_hash")
+SOURCE_COLUMN = "source"  # optional in label rows: where they were read from (a folder)
+
+
+def check_one_setup(labels: pd.DataFrame) -> None:
+    """Refuse label rows made with different models, engines, methods, prompts or condition
+    definitions: one calibration records one setup, and thresholds fitted on a mixture fit
+    none of them. The reason names each differing value and, when the rows carry a `source`
+    column (jobs/calibrate.py sets it to the folder), the folders it came from."""
+    if labels.empty:
+        raise CalibrationError("no label rows to calibrate")
+    sources = (labels[SOURCE_COLUMN].astype(str) if SOURCE_COLUMN in labels
+               else pd.Series("", index=labels.index))
+    problems = []
+    for column in SETUP_COLUMNS:
+        if column in labels:
+            problems += _differing(column, labels[column], sources)
+    if "definition_hash" in labels:
+        for condition, rows in labels.groupby("condition", sort=True):
+            problems += _differing(f"definition of {condition}", rows["definition_hash"],
+                                   sources[rows.index])
+    if problems:
+        raise CalibrationError(
+            f"the label rows were made with different setups: {'; '.join(problems)}. A "
+            "calibration holds for one model, engine, method, prompt and definition: calibrate "
+            "each setup's folders separately (or relabel them with one setup)")
+
+
+def _differing(what: str, values: pd.Series, sources: pd.Series) -> list[str]:
+    values = values.astype(object).where(values.notna(), None)
+    if values.nunique(dropna=False) < 2:
+        return []
+    seen: dict[object, list[str]] = {}
+    for value, source in zip(values, sources):
+        where = seen.setdefault(value, [])
+        if source and source not in where:
+            where.append(source)
+    listed = [f"{value!r}" + (f" (in {', '.join(where)})" if where else "")
+              for value, where in seen.items()]
+    return [f"{what}: {' vs '.join(listed)}"]
+
+
 def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame,
                       target_sensitivity: float = DEFAULT_TARGET,
                       target_specificity: float = DEFAULT_TARGET) -> Calibration:
     """Thresholds for every (condition, level) of `labels` that `truth` covers with both classes.
 
     `labels`: rows of the labelling job (report_id, condition, level, score, model, method,
-    prompt_hash, definition_hash, engine). `truth`: report_id, condition, level, label (0/1);
-    an empty level means the report-level question.
+    prompt_hash, definition_hash, engine; optionally `source`), all made with one setup
+    (check_one_setup). `truth`: report_id, condition, level, label (0/1); an empty level means
+    the report-level question.
     """
-    setups = labels[["model", "method", "prompt_hash"]].drop_duplicates()
-    if len(setups) != 1:
-        raise CalibrationError(f"scores come from {len(setups)} setups; calibrate one at a time")
+    check_one_setup(labels)
     joined = join_truth(labels, truth)
     entries = []
     for (condition, level), group in joined.groupby(["condition", "level"], sort=True):
@@ -243,7 +288,7 @@ def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame,
                                        group["score"], target_sensitivity, target_specificity))
     if not entries:
         raise CalibrationError("no (condition, level) has both positive and negative labels")
-    setup = setups.iloc[0]
+    setup = labels.iloc[0]
     definitions = labels.drop_duplicates("condition").set_index("condition")["definition_hash"]
     return Calibration(
         model=setup["model"], method=setup["method"], prompt_hash=setup["prompt_hash"],

@@ -6,6 +6,7 @@ wherever a built-in name is accepted.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -104,10 +105,19 @@ def condition_from_dict(data: dict, source: str) -> Condition:
     )
 
 
+_REQUIRED_HINTS = {
+    "name": "the identifier used in outputs and calibrations, e.g. name: foraminal_stenosis",
+    "definition": "one sentence put before the question, e.g. definition: Foraminal stenosis "
+                  "is narrowing of an intervertebral foramen of any grade.",
+}
+
+
 def _required_text(data: dict, key: str, source: str) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ConditionError(f"{source}: '{key}' must be a non-empty string")
+        raise ConditionError(f"{source}: '{key}' must be a non-empty string ("
+                             f"{'missing' if value is None else repr(value)}); add "
+                             f"{_REQUIRED_HINTS.get(key, key)}")
     return value.strip()
 
 
@@ -143,13 +153,22 @@ def load_condition(name_or_path: str | Path) -> Condition:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConditionError(f"condition file {path} does not exist")
-        return _load_yaml(path.read_text(), str(path))
+            raise ConditionError(f"condition file {path} does not exist; pass a built-in "
+                                 f"condition name ({', '.join(builtin_condition_names())}) or "
+                                 "the path of your own YAML file")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConditionError(f"cannot read condition file {path}: {err}") from err
+        return _load_yaml(text, str(path))
     spec = resources.files(_BUILTIN_PACKAGE) / f"{name_or_path}.yaml"
     if not spec.is_file():
+        builtins = builtin_condition_names()
+        close = difflib.get_close_matches(str(name_or_path), builtins, n=1)
         raise ConditionError(
-            f"unknown condition {str(name_or_path)!r}: built-ins are {builtin_condition_names()}; "
-            "or pass the path of your own YAML file"
+            f"unknown condition {str(name_or_path)!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f": built-ins are {builtins}; or pass the path of your own YAML file"
         )
     return _load_yaml(spec.read_text(), f"built-in condition {name_or_path}")
 

@@ -10,7 +10,9 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterator
@@ -22,6 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ray_app.cli import ColumnError, InputError, one_line
 from ray_app.provenance import utc_now
 
 log = logging.getLogger(__name__)
@@ -71,11 +74,11 @@ def locate(uri: str, s3_endpoint: str | None = None) -> TableLocation:
 def table_format(uri: str, explicit: str | None = None) -> str:
     if explicit:
         if explicit not in set(FORMATS.values()):
-            raise ValueError(f"format {explicit!r} is not one of {sorted(set(FORMATS.values()))}")
+            raise InputError(f"format {explicit!r} is not one of {sorted(set(FORMATS.values()))}")
         return explicit
     suffix = PurePosixPath(uri.rstrip("/")).suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(
+        raise InputError(
             f"cannot tell the format of {uri!r} from its extension; pass --input-format "
             f"(one of {sorted(set(FORMATS.values()))})"
         )
@@ -101,7 +104,8 @@ def input_files(loc: TableLocation) -> list[str]:
     Arrow datasets do)."""
     info = loc.fs.get_file_info(loc.path)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input {loc.uri} does not exist")
+        raise FileNotFoundError(f"input {loc.uri} does not exist; check the path"
+                                + (" (and --s3-endpoint)" if loc.uri.startswith("s3://") else ""))
     if info.is_file:
         return [loc.path]
     found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
@@ -178,7 +182,7 @@ def iter_column(loc: TableLocation, fmt: str, column: str,
     if fmt == "json":
         values = [r.get(column) for r in _json_records(loc, encoding)]
         if all(_missing(v) for v in values):
-            raise KeyError(_no_column(loc, column, None))
+            raise ColumnError(_no_column(loc, column, None))
         yield pa.array(_id_strings(values), type=pa.string())
         return
     for batch in _arrow_dataset(loc, fmt, column).to_batches(columns=[column]):
@@ -190,13 +194,73 @@ def iter_column(loc: TableLocation, fmt: str, column: str,
 
 
 def require_column(loc: TableLocation, fmt: str, column: str, encoding: str = "utf-8") -> None:
-    """Fail fast on a wrong column name without reading the column (the schema; for JSON
-    Lines, the rows up to the first that has the key)."""
+    """Fail fast on a missing, empty or binary input (check_input) or a wrong column name
+    without reading the column (the schema; for JSON Lines, the rows up to the first that has
+    the key)."""
+    check_input(loc, fmt)
     if fmt == "json":
         if not any(not _missing(r.get(column)) for r in _json_records(loc, encoding)):
-            raise KeyError(_no_column(loc, column, None))
+            raise ColumnError(_no_column(loc, column, None))
     else:
-        _arrow_dataset(loc, fmt, column)
+        with _s3_errors(loc):
+            _arrow_dataset(loc, fmt, column)
+
+
+_SNIFF_BYTES = 8192
+
+
+def check_input(loc: TableLocation, fmt: str) -> None:
+    """Refuse, with what to do, an input that does not exist, an empty file or folder, a binary
+    file given as CSV / JSON Lines (a NUL byte in its first 8 KB), or a Parquet file that is not
+    one. Looks at the first file of a folder only."""
+    with _s3_errors(loc):
+        files = input_files(loc)
+        if not files:
+            raise InputError(f"input folder {loc.uri} holds no files (names starting with '.' "
+                             "or '_' are skipped); check the path")
+        name = loc.uri if files[0] == loc.path else files[0]
+        with loc.fs.open_input_stream(files[0]) as f:
+            head = f.read(_SNIFF_BYTES)
+    if not head:
+        raise InputError(f"input {name} is empty (0 bytes); check the path")
+    if fmt in ("csv", "json") and b"\0" in head:
+        kind, at = ("CSV" if fmt == "csv" else "JSON Lines"), head.index(b"\0")
+        raise InputError(f"input {name} is not a {kind} text file: it holds binary data (a NUL "
+                         f"byte at byte {at}); pass a CSV, Parquet or JSON Lines "
+                         "file (UTF-16 text: save it as UTF-8) or set --input-format")
+    if fmt == "parquet" and not head.startswith(b"PAR1"):
+        raise InputError(f"input {name} is not a Parquet file (no PAR1 header); check the path "
+                         "or set --input-format")
+
+
+@contextmanager
+def _s3_errors(loc: TableLocation):
+    """S3 failures (an endpoint that does not answer, refused credentials) as one clear
+    InputError instead of the AWS SDK's OSError."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(loc.fs, pafs.S3FileSystem) and "AWS Error" in str(err):
+            raise s3_problem(loc, err) from err
+        raise
+
+
+def s3_problem(loc: TableLocation, err: OSError) -> InputError:
+    text = str(err)
+    reason = one_line(text.split("AWS Error ", 1)[-1], 300)
+    endpoint = _s3_endpoint_name(loc.fs)
+    what = (f"cannot reach S3 endpoint {endpoint}" if "NETWORK_CONNECTION" in text
+            else f"S3 endpoint {endpoint} refused {loc.uri}")
+    return InputError(f"{what}: {reason}; check --s3-endpoint and the AWS credentials "
+                      "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+
+
+def _s3_endpoint_name(fs: pafs.FileSystem) -> str:
+    try:  # pyarrow exposes the settings only through pickling
+        settings = fs.__reduce__()[1][0]
+        return settings.get("endpoint_override") or f"AWS S3 ({settings.get('region')})"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "AWS S3"
 
 
 def _arrow_dataset(loc: TableLocation, fmt: str, column: str) -> pads.Dataset:
@@ -204,9 +268,14 @@ def _arrow_dataset(loc: TableLocation, fmt: str, column: str) -> pads.Dataset:
     if fmt == "csv":
         file_format = pads.CsvFileFormat(parse_options=csv_parse_options(),
                                          convert_options=csv_convert_options([column], binary=True))
-    dataset = pads.dataset(loc.path, format=file_format, filesystem=loc.fs)
+    try:
+        dataset = pads.dataset(loc.path, format=file_format, filesystem=loc.fs)
+    except pa.ArrowInvalid as err:  # not a table of this format (empty, binary, malformed)
+        reason = one_line(str(err).split("Invalid: ")[-1], 200)
+        raise InputError(f"cannot read {loc.uri} as {fmt}: {reason}; check the file or set "
+                         "--input-format") from err
     if column not in dataset.schema.names:
-        raise KeyError(_no_column(loc, column, dataset.schema.names))
+        raise ColumnError(_no_column(loc, column, dataset.schema.names))
     return dataset
 
 
@@ -315,10 +384,18 @@ def read_manifest(out: TableLocation) -> dict | None:
 
 
 def write_manifest(out: TableLocation, manifest: dict) -> None:
-    """Record what an output folder's rows were made with, stamped with the time."""
-    out.fs.create_dir(out.path, recursive=True)
-    with out.fs.open_output_stream(out.child("manifest.json").path) as f:
-        f.write(json.dumps({**manifest, "updated_at": utc_now()}, indent=2).encode())
+    """Record what an output folder's rows were made with, stamped with the time (the first
+    write to an output folder: one that cannot be created is refused here, before any work)."""
+    try:
+        with _s3_errors(out):
+            out.fs.create_dir(out.path, recursive=True)
+            with out.fs.open_output_stream(out.child("manifest.json").path) as f:
+                f.write(json.dumps({**manifest, "updated_at": utc_now()}, indent=2).encode())
+    except OSError as err:
+        detail = re.search(r"Detail: \[errno \d+\] (.*)", str(err))
+        reason = detail.group(1) if detail else (err.strerror or str(err))
+        raise InputError(f"cannot create output folder {out.uri}: {one_line(reason, 200)}; check "
+                         "--output (a folder you can write to, local or s3://)") from err
 
 
 def read_finished(loc: TableLocation, columns: list[str] | None) -> pd.DataFrame:
@@ -350,8 +427,12 @@ def read_label_rows(uri: str, s3_endpoint: str | None = None) -> pd.DataFrame:
     it) or a folder of label Parquet parts."""
     loc = locate(uri, s3_endpoint)
     labels = loc.child("labels")
-    if loc.fs.get_file_info(labels.path).type == pafs.FileType.Directory:
-        loc = labels
+    with _s3_errors(loc):
+        if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"label folder {uri} does not exist: pass the output folder "
+                                    "of jobs/label_reports.py")
+        if loc.fs.get_file_info(labels.path).type == pafs.FileType.Directory:
+            loc = labels
     rows = read_finished(loc, None)
     if rows.empty:
         raise FileNotFoundError(f"no label rows under {uri}: pass the output folder of "

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from ray_app.serving import AppArgs
 
@@ -23,5 +24,17 @@ def test_config_validates(path):
 
 
 def test_unknown_app_argument_is_refused():
-    with pytest.raises(Exception, match="conditions"):
+    """A misspelt argument is refused by name instead of silently ignored; the same arguments
+    spelt right are valid, so the typo alone is what fails."""
+    valid = {"conditions": ["spinal_cancer"], "engine": {}, "max_batch_size": 32}
+    assert AppArgs(**valid).max_batch_size == 32
+    typo = {"conditions": ["spinal_cancer"], "engine": {}, "max_batch_sise": 32}
+    with pytest.raises(ValidationError, match=r"max_batch_sise\s+Extra inputs are not permitted") \
+            as refused:
+        AppArgs(**typo)
+    assert [e["loc"] for e in refused.value.errors()] == [("max_batch_sise",)]
+
+
+def test_missing_conditions_are_refused():
+    with pytest.raises(ValidationError, match="conditions"):
         AppArgs(engine={})

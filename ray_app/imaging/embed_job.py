@@ -203,13 +203,15 @@ def run_embed_job(cfg: EmbedJobConfig) -> EmbedSummary:
 
     started = time.monotonic()
     out = tables.locate(cfg.output, cfg.s3_endpoint)
+    # The inputs first: a wrong path fails at once, before weights load, the output is written
+    # or Ray starts.
+    locations = read_locations(cfg.locations, cfg.s3_endpoint)
+    names = DicomStore.from_uri(cfg.dicom, cfg.s3_endpoint).names
     settings = job_settings(cfg)
     check_manifest(out, settings)
-    locations = read_locations(cfg.locations, cfg.s3_endpoint)
     previous = Previous.read(out)
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
-    names = DicomStore.from_uri(cfg.dicom, cfg.s3_endpoint).names
     headers = _scan_headers(cfg, names, out)
     tasks, skipped = _study_tasks(headers, locations, previous, cfg.limit)
     log.info("%d files, %d studies with discs to embed, %d studies (%d discs) already done",

@@ -56,8 +56,13 @@ def read_table(uri: str, s3_endpoint: str | None, string_columns: list[str]) -> 
 def read_embeddings(uri: str, s3_endpoint: str | None = None) -> tuple[pd.DataFrame, dict]:
     """Embedding rows and the settings they were made with (the folder's manifest)."""
     loc = tables.locate(uri, s3_endpoint)
-    with loc.fs.open_input_stream(loc.child("manifest.json").path) as f:
-        settings = json.loads(f.read())["embedding_settings"]
+    try:
+        with loc.fs.open_input_stream(loc.child("manifest.json").path) as f:
+            settings = json.loads(f.read())["embedding_settings"]
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"embeddings folder {uri} does not exist or has no "
+                                "manifest.json: pass the output folder of jobs/embed_discs.py"
+                                ) from err
     frame = tables.read_finished(loc.child("embeddings"), ["study_uid", "series_uid", "level", "embedding"])
     if frame.empty:
         raise ValueError(f"{uri} holds no embeddings; run jobs/embed_discs.py first")
