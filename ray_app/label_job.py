@@ -198,10 +198,10 @@ class LabelActor:
         # run wrote these files replaces them instead of adding duplicates.
         key = _batch_key(batch, self.cfg)
         if errors:  # errors first: a crash between the writes only repeats error rows' checks
-            table = pa.Table.from_pylist(errors, schema=tables.ERROR_SCHEMA)
+            table = tables.rows_table(errors, tables.ERROR_SCHEMA)
             tables.write_table_atomically(table, self.out.child("errors"), key=key)
         if rows:
-            table = pa.Table.from_pylist(rows, schema=tables.LABEL_SCHEMA)
+            table = tables.rows_table(rows, tables.LABEL_SCHEMA)
             tables.write_table_atomically(table, self.out.child("labels"), key=key)
         pairs = sum(len(t.conditions or ()) for t in tasks)
         return pd.DataFrame({"reports": [len(tasks)], "rows": [len(rows)], "errors": [len(errors)],

@@ -15,17 +15,13 @@ from ray_app.conditions import Condition
 from ray_app.engines.base import Engine
 from ray_app.prompts import DEFAULT_TEMPLATE, Conversation, PromptTemplate
 from ray_app.provenance import code_version, utc_now
+from ray_app.report_tables import LABEL_SCHEMA
 from ray_app.sections import drop_sections, shorten_report
 
 log = logging.getLogger(__name__)
 
-# Columns of every label row, in output order.
-LABEL_COLUMNS = (
-    "report_id", "condition", "level", "method", "score", "label", "threshold", "uncertain",
-    "summary",
-    "truncated", "model", "engine", "definition_hash", "prompt_hash", "calibration_id",
-    "code_version", "labelled_at",
-)
+# Columns of every label row, in output order: the label table's schema is their one definition.
+LABEL_COLUMNS = tuple(LABEL_SCHEMA.names)
 
 
 @dataclass(frozen=True)

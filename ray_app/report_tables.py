@@ -45,6 +45,17 @@ ERROR_SCHEMA = pa.schema([
 ])
 
 
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows as a table of `schema`, refusing a row whose keys are not the schema's columns
+    (Arrow would silently drop a key the schema lacks, losing a field nobody sees missing)."""
+    names = set(schema.names)
+    for row in rows:
+        if set(row) != names:
+            raise ValueError(f"row keys differ from the table's columns: extra "
+                             f"{sorted(set(row) - names)}, missing {sorted(names - set(row))}")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
 @dataclass(frozen=True)
 class TableLocation:
     """A path (file or folder) on a filesystem; `uri` is what the user typed."""

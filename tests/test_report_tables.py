@@ -225,3 +225,11 @@ def test_locate_local_and_s3():
     assert remote.path == "bucket/out/"
     assert remote.child("labels").path == "bucket/out/labels"
     assert type(remote.fs).__name__ == "S3FileSystem"
+
+
+def test_rows_table_refuses_a_row_that_does_not_match_the_columns():
+    row = dict.fromkeys(tables.LABEL_SCHEMA.names)
+    assert tables.rows_table([row], tables.LABEL_SCHEMA).num_rows == 1
+    with pytest.raises(ValueError, match=r"extra \['scroe'\], missing \['score'\]"):
+        tables.rows_table([{**{k: v for k, v in row.items() if k != "score"}, "scroe": 0.5}],
+                          tables.LABEL_SCHEMA)
