@@ -585,3 +585,29 @@ def test_json_lines_that_cannot_be_read_go_to_errors_with_their_line(tmp_path):
     assert any(r.startswith("missing id") for r in reasons)
     again = _run_cli(tmp_path, "--input", "reports.jsonl", "--output", "out")
     assert again.returncode == 0 and "error_rows=0" in again.stdout  # reported once
+
+
+# --- (j) a batch that Ray re-runs after it was written ---------------------------------------
+
+@pytest.mark.timeout(120)
+def test_a_batch_run_twice_writes_its_rows_once(tmp_path):
+    """Ray re-runs a batch whose actor died after writing it and before returning: the second
+    run replaces the first run's files instead of adding rows."""
+    from ray_app import resume
+    from ray_app.label_job import LabelActor
+
+    cfg = LabelJobConfig(input="unused.csv", output=str(tmp_path / "out"),
+                         conditions=["spinal_cancer"], engine=_dry_run())
+    nothing_done = resume.ResumeState(resume.KeyIndex.build([]), resume.KeyIndex.build([]),
+                                      {"spine-dup": 2})
+    rows = _good_rows()[:3] + [{"report_id": "spine-dup", "text": "FINDINGS: Mild stenosis."}]
+    batch = resume.plan_batch(pd.DataFrame(rows), "report_id", "text", ["spinal_cancer"],
+                              nothing_done)
+    actor = LabelActor(cfg)
+    actor(batch)
+    actor(batch.iloc[::-1].reset_index(drop=True))  # the re-run, rows in another order
+    assert len(list((tmp_path / "out" / "labels").glob("part-*.parquet"))) == 1
+    assert sorted(_labels(cfg.output)["report_id"]) == GOOD_IDS[:3]
+    assert _errors(cfg.output)["report_id"].tolist() == ["spine-dup"]
+    actor(batch.iloc[:2])  # another batch: another file
+    assert len(list((tmp_path / "out" / "labels").glob("part-*.parquet"))) == 2
