@@ -16,18 +16,17 @@ import logging
 import os
 import socket
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ray_app import placement, resume
 from ray_app import report_tables as tables
 from ray_app.placement import Placement
 from ray_app.progress import Progress
+from ray_app.ray_session import ensure_ray
 from ray_app.calibration import Calibration, CalibrationError
 from ray_app.conditions import Condition, load_conditions
 from ray_app.engines import EngineConfig, make_engine
@@ -436,9 +435,7 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, pairs_to_do: int,
     import ray
     import ray.data
 
-    quiet_ray()
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
+    ensure_ray()
     where = actor_placement(cfg)
     log.info("labelling %d (report, condition) pairs; the first results come once the engine "
              "actors have started and loaded the model", pairs_to_do)
@@ -502,19 +499,3 @@ def _follow_progress(stats, expected_pairs: int, cfg: LabelJobConfig) -> dict[st
     finally:
         progress.close()
     return {**totals, **peaks}
-
-
-def quiet_ray() -> None:
-    """Keep Ray's own progress tables and start-up chatter for its log files (they name
-    operators, not reports); warnings and errors still reach the user."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
-    # Actor fault tolerance is set through map_batches' remote arguments, which Ray 2.60 has
-    # deprecated without a named replacement for max_restarts.
-    warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")

@@ -22,6 +22,7 @@ from ray_app.finetune import datasets
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.masking import TokenisedExample, tokenise_all
 from ray_app.finetune.train import ADAPTER_DIR, STATE_FILE, train_worker
+from ray_app.ray_session import ensure_ray
 from ray_app.provenance import code_version, utc_now
 
 log = logging.getLogger(__name__)
@@ -152,14 +153,12 @@ def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Prepare data, train on Ray, write <output>/adapter with its provenance; returns it."""
-    import ray
 
     from ray_app.finetune.train import load_tokenizer
 
     started, started_at = time.monotonic(), utc_now()
     train, heldout, data_info = prepare_data(cfg, load_tokenizer(cfg.model))
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+    ensure_ray()
     where = worker_placement(cfg)
     result = make_trainer(cfg, train, heldout, where).fit()
     if result.checkpoint is None:

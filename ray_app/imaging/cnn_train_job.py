@@ -20,6 +20,7 @@ from ray_app.imaging.cnn import (CNNConfig, ImageBatches, build_cnn, image_path,
                                  train_epoch, undersample)
 from ray_app.metrics import binary_metrics
 from ray_app.calibration import eer_threshold
+from ray_app.ray_session import ensure_ray
 from ray_app.provenance import code_version, utc_now
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,7 @@ def run_cnn_training(cfg: CNNConfig) -> list[dict]:
     from ray.train.torch import TorchTrainer
 
     table = image_table(cfg)
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+    ensure_ray()
     from ray_app import placement
 
     where = placement.place(cfg.device, max_workers=cfg.workers)

@@ -26,6 +26,7 @@ from ray_app.imaging.dicom_store import DicomStore, FileError, SliceHeader, read
 from ray_app.imaging.disc_volumes import read_locations
 from ray_app.imaging.embeddings import DiscEmbedder, EmbeddingSettings, load_encoder
 from ray_app.imaging.studies import series_by_study, study_disc_volumes
+from ray_app.ray_session import ensure_ray
 from ray_app.provenance import code_version, utc_now
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,6 @@ class EmbedSummary:
 
 
 def run_embed_job(cfg: EmbedJobConfig) -> EmbedSummary:
-    import ray
 
     started = time.monotonic()
     out = tables.locate(cfg.output, cfg.s3_endpoint)
@@ -210,8 +210,7 @@ def run_embed_job(cfg: EmbedJobConfig) -> EmbedSummary:
     settings = job_settings(cfg)
     check_manifest(out, settings)
     previous = Previous.read(out)
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+    ensure_ray()
     headers = _scan_headers(cfg, names, out)
     tasks, skipped = _study_tasks(headers, locations, previous, cfg.limit)
     log.info("%d files, %d studies with discs to embed, %d studies (%d discs) already done",
