@@ -95,7 +95,11 @@ def load_truth(paths: Sequence[str | Path]) -> pd.DataFrame:
     same question, so a review corrects the table it came from."""
     frames = []
     for path in paths:
-        header = pd.read_csv(path, nrows=0).columns
+        try:
+            header = pd.read_csv(path, nrows=0).columns
+        except pd.errors.EmptyDataError:
+            raise CalibrationError(f"{path} is empty: a truth table needs a header row "
+                                   "report_id,condition,label (level optional) and its rows")
         if "reviewed_label" in header:
             frames.append(read_review(path))
             continue

@@ -128,3 +128,13 @@ def test_export_job_writes_the_band_rows(tmp_path):
     export_job.main(["--labels", str(tmp_path), "--out", str(out)])
     exported = pd.read_csv(out)
     assert len(exported) == int(rows["uncertain"].sum()) > 0
+
+
+def test_an_empty_truth_file_is_named(tmp_path):
+    from ray_app.calibration import CalibrationError
+    from ray_app.review import load_truth
+
+    empty = tmp_path / "truth.csv"
+    empty.write_text("")
+    with pytest.raises(CalibrationError, match=r"truth.csv is empty: a truth table needs"):
+        load_truth([empty])
