@@ -22,6 +22,7 @@ pass through unchanged.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import sys
 import traceback
@@ -212,6 +213,8 @@ def run_job(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
     """Run `main(argv)` (argv: sys.argv[1:] less --debug); when it raises, print one line and
     exit as the module docstring says."""
     args, debug = split_debug(sys.argv[1:] if argv is None else argv)
+    if debug:
+        os.environ["RAY_APP_DEBUG"] = "1"  # ray_session: Ray's own failure reports shown too
     name = name or job_name(main)
     try:
         main(args)

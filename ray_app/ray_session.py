@@ -9,6 +9,7 @@ Warnings and errors from Ray still reach the user.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 _LEVELS = {
@@ -19,6 +20,12 @@ _LEVELS = {
 }
 
 
+# Ray Data's own report of a failed task: the job's one-line message names the root cause
+# (ray_app/cli.py), and --debug (RAY_APP_DEBUG=1) shows these with the traceback.
+_FAILURE_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
+DEBUG_ENV = "RAY_APP_DEBUG"
+
+
 def quiet_ray() -> None:
     import ray.data  # it configures its loggers when imported: set the levels after that
 
@@ -27,6 +34,9 @@ def quiet_ray() -> None:
     context.print_on_execution_start = False
     for name, level in _LEVELS.items():
         logging.getLogger(name).setLevel(level)
+    if os.environ.get(DEBUG_ENV) != "1":
+        for name in _FAILURE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     # Actor fault tolerance is set through map_batches' remote arguments, which Ray 2.60 has
     # deprecated without a named replacement for max_restarts.
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
