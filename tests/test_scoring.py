@@ -197,7 +197,7 @@ def test_answer_tokens_qwen(qwen_tokenizer):
 @pytest.mark.parametrize("scale", [1.0, 30.0, 500.0])
 def test_engine_yes_scores_matches_score_from_logits(scale):
     torch = pytest.importorskip("torch")
-    from ray_app.engines.transformers_engine import yes_scores
+    from ray_app.engines.tensors import yes_scores
 
     generator = torch.Generator().manual_seed(int(scale))
     logits = torch.randn(16, 64, generator=generator) * scale
@@ -212,7 +212,7 @@ def test_engine_yes_scores_matches_score_from_logits(scale):
 
 def test_engine_yes_scores_bfloat16_input():
     torch = pytest.importorskip("torch")
-    from ray_app.engines.transformers_engine import yes_scores
+    from ray_app.engines.tensors import yes_scores
 
     logits = torch.zeros(2, 8, dtype=torch.bfloat16)
     logits[0, 1], logits[0, 4] = 2.0, 0.5

@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ray_app.engines.tensors import left_pad, left_padded_positions, right_pad
+
 Forward = Callable[..., Any]  # (input_ids, mask, positions, cache=None, logits_to_keep=1) -> output
 
 
@@ -91,28 +93,6 @@ def propose(context: list[int], ngram: int, count: int) -> list[int]:
             if context[start : start + n] == tail:
                 return context[start + n : start + n + count]
     return []
-
-
-def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded on the left to the longest row, and the mask of real tokens."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
-
-
-def right_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded on the right to the longest row (rows may be empty), and their mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-    return ids, mask
-
-
-def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding, as generate() computes them; without this, padded
-    rows see shifted positions and score differently from unpadded ones."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 class _Row:

@@ -8,27 +8,16 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from ray_app.engines.devices import resolve_device, resolve_dtype
 from ray_app.engines.base import (
     ChatFormatter, Engine, EngineConfig, FollowUps, Generation, model_identity, split_by_lengths,
 )
-from ray_app.engines.lookup_decoding import (
-    DecodedBatch, LookupConfig, left_pad, left_padded_positions, lookup_decode, right_pad,
-)
+from ray_app.engines.devices import resolve_device, resolve_dtype
+from ray_app.engines.lookup_decoding import DecodedBatch, LookupConfig, lookup_decode
+from ray_app.engines.tensors import left_pad, left_padded_positions, right_pad, yes_scores
 from ray_app.model_sources import resolve_model
 from ray_app.prompts import Conversation
-from ray_app.scoring import AnswerTokens
 
 log = logging.getLogger(__name__)
-
-
-
-def yes_scores(last_logits: torch.Tensor, tokens: AnswerTokens) -> torch.Tensor:
-    """Vectorised p(yes)/(p(yes)+p(no)) for a [batch, vocab] tensor of logits."""
-    logits = last_logits.float()
-    log_yes = torch.logsumexp(logits[:, list(tokens.yes_ids)], dim=-1)
-    log_no = torch.logsumexp(logits[:, list(tokens.no_ids)], dim=-1)
-    return torch.sigmoid(log_yes - log_no)
 
 
 class TransformersEngine(Engine):
