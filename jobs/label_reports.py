@@ -4,7 +4,7 @@ Run with no arguments for the embedded default (sample spine MRI reports, Qwen2.
 from pip, local Ray). Locally or on a cluster:
 
     python jobs/label_reports.py --input reports.csv --output out/ --conditions spinal_cancer
-    ray job submit --working-dir . -- python jobs/label_reports.py --config configs/label_openi.yaml
+    ray job submit --working-dir . -- python jobs/label_reports.py --config configs/label_archive.yaml
 """
 
 from __future__ import annotations

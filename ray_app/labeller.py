@@ -95,28 +95,31 @@ class Labeller:
     def _fits(self, report: str, condition: Condition) -> bool:
         """Does the longest prompt for this report fit the context, answer/summary included?"""
         longest_level = max(prompts.question_levels(condition), key=lambda lv: len(lv or ""))
-        item = _Item("", condition, report, False, summary="")
+        item = _Item("", condition, report, False)
         reserve = 1 + (self.engine.config.max_new_tokens if self.method == "summary" else 0)
         tokens = self.engine.count_tokens(self._question(item, longest_level))
         return tokens + reserve <= self.engine.config.max_context_tokens
 
     def _summarise_and_score(self, items: list[_Item]) -> list[float]:
-        """Each item's summary, then its questions asked after it; scores in question order."""
+        """Each item's summary, then its questions asked after it; scores in question order.
+        The summaries come back with the scores and are kept on the items for their rows."""
         requests = [prompts.summary_request_conversation(self.template, i.condition, i.report)
                     for i in items]
 
         def follow_ups(index: int, summary: str) -> list[Conversation]:
             item = items[index]
-            item.summary = summary
-            return [self._question(item, level) for level in prompts.question_levels(item.condition)]
+            return [self._question(item, level, summary)
+                    for level in prompts.question_levels(item.condition)]
 
-        _, scores = self.engine.generate_then_score(requests, follow_ups)
+        generations, scores = self.engine.generate_then_score(requests, follow_ups)
+        for item, generation in zip(items, generations):
+            item.summary = generation.text
         return [score for item_scores in scores for score in item_scores]
 
-    def _question(self, item: _Item, level: str | None) -> Conversation:
+    def _question(self, item: _Item, level: str | None, summary: str = "") -> Conversation:
         if self.method == "summary":
             return prompts.summary_question_conversation(
-                self.template, item.condition, item.report, item.summary or "", level
+                self.template, item.condition, item.report, summary, level
             )
         return prompts.direct_conversation(self.template, item.condition, item.report, level)
 
