@@ -26,7 +26,7 @@ _HEADERS: dict[str, tuple[str, ...]] = {
     ),
 }
 SECTION_KINDS: tuple[str, ...] = ("preamble", *_HEADERS)
-# Order in which a section counts as "the summary" (DESIGN.md: conclusion, impression,
+# Order in which a section counts as "the summary" (the method's rule: conclusion, impression,
 # findings or summary, case-insensitive).
 _SUMMARY_PREFERENCE = ("impression", "findings")
 

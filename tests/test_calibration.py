@@ -52,7 +52,7 @@ def test_eer_when_no_point_has_equal_rates():
 
 
 def test_threshold_keeps_full_precision_near_one():
-    # Scores pile up near 1 (DESIGN.md): the threshold must be the exact score, not rounded.
+    # Scores pile up near 1 (measured on real reports): the threshold must be the exact score, not rounded.
     scores = [0.9734512345678912, 0.9734512345678913, 0.97345, 0.99999999]
     labels = [0, 1, 0, 1]
     threshold, eer = eer_threshold(labels, scores)

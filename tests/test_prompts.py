@@ -22,7 +22,7 @@ STENOSIS = Condition(
     levels=("L4-L5", "L5-S1"),
 )
 REPORT = "FINDINGS: Moderate central canal stenosis at L4-L5.\nIMPRESSION: Stenosis."
-# DESIGN.md section 1, word for word.
+# The MICCAI 2024 paper's prompt, word for word.
 SYSTEM = (
     "You are a radiologist. Your job is to diagnose spinal canal stenosis using a medical report. "
     "Tell the truth and answer as precisely as possible.\n"
