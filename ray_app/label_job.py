@@ -406,7 +406,7 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
         try:
             to_do = scan.pairs_to_do if not cfg.limit else min(
                 scan.pairs_to_do, cfg.limit * len(conditions))
-            totals = _run_pipeline(cfg, src, fmt, to_do, state)
+            totals = _run_pipeline(cfg, src, fmt, [c.name for c in conditions], to_do, state)
         except Exception as err:
             failures = engine_failures_since(out, started_ns)
             if not failures:
@@ -430,8 +430,8 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     return summary
 
 
-def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, pairs_to_do: int,
-                  state: resume.ResumeState) -> dict[str, float]:
+def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, condition_names: list[str],
+                  pairs_to_do: int, state: resume.ResumeState) -> dict[str, float]:
     import ray
     import ray.data
 
@@ -445,7 +445,7 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, pairs_to_do: int,
     # The finished keys go to the object store once; the planning step reads them zero-copy.
     state_ref = ray.put(state)
     planned = _read_reports(cfg, src, fmt).map_batches(
-        _plan_batch, fn_kwargs={"cfg": cfg, "fmt": fmt, "conditions": _condition_names(cfg),
+        _plan_batch, fn_kwargs={"cfg": cfg, "fmt": fmt, "conditions": condition_names,
                                 "state": state_ref},
         batch_format="pandas", batch_size=None)
     stats = planned.map_batches(
@@ -468,10 +468,6 @@ def _min_actors(cfg: LabelJobConfig, where: Placement) -> int:
     wanted = cfg.min_actors if cfg.min_actors is not None else (
         where.max_workers if where.use_gpu else 1)
     return max(1, min(wanted, where.max_workers))
-
-
-def _condition_names(cfg: LabelJobConfig) -> list[str]:
-    return [c.name for c in load_conditions(cfg.conditions)]
 
 
 def _plan_batch(batch: pd.DataFrame, cfg: LabelJobConfig, fmt: str, conditions: list[str],

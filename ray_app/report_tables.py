@@ -133,7 +133,7 @@ def parse_json_lines(lines: list[str | bytes], columns: list[str], id_column: st
                      where: str = "", encoding: str = "utf-8") -> pd.DataFrame:
     """JSON Lines parsed in Python, not by Arrow: Arrow refuses a whole file when one row's
     value has another type (a number for a text) or one line is not JSON, where that row should
-    go to the errors table. Ids become strings (as read_column gives them); other values keep
+    go to the errors table. Ids become strings (as iter_column gives them); other values keep
     their JSON type, so a non-string text is reported as such; a missing key is None. A line
     that cannot be read becomes a row without id or text whose PROBLEM_COLUMN says why (line
     number, in `where`, and what to do); blank lines are skipped."""
@@ -177,12 +177,6 @@ def decode_rows(frame: pd.DataFrame, id_column: str, text_column: str,
 
 def _decode(value: object, encoding: str, errors: str) -> object:
     return value.decode(encoding, errors) if isinstance(value, bytes) else value
-
-
-def read_column(loc: TableLocation, fmt: str, column: str,
-                encoding: str = "utf-8") -> pa.ChunkedArray:
-    """One column of the whole input, as strings."""
-    return pa.chunked_array(list(iter_column(loc, fmt, column, encoding)), type=pa.string())
 
 
 def iter_column(loc: TableLocation, fmt: str, column: str,

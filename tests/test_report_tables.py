@@ -15,6 +15,11 @@ from frames import write_frame
 TEXT = "FINDINGS: Mild central canal stenosis at L4-L5.\nIMPRESSION: Mild stenosis at L4-L5."
 
 
+def read_column(loc, fmt, column):
+    """The whole column, as the driver's batch-by-batch pass sees it."""
+    return pa.chunked_array(list(tables.iter_column(loc, fmt, column)), type=pa.string())
+
+
 # --- formats --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("uri, fmt", [
@@ -51,10 +56,10 @@ def test_read_column_csv_keeps_ids_as_strings(tmp_path):
     path.write_text('report_id,text,age\n007,"FINDINGS: normal.\nIMPRESSION: normal.",61\n'
                     "0100,Normal study.,70\n12,Disc bulge.,44\n")
     loc = tables.locate(str(path))
-    ids = tables.read_column(loc, "csv", "report_id")
+    ids = read_column(loc, "csv", "report_id")
     assert ids.type == pa.string()
     assert ids.to_pylist() == ["007", "0100", "12"]
-    assert tables.read_column(loc, "csv", "text").to_pylist()[0] == (
+    assert read_column(loc, "csv", "text").to_pylist()[0] == (
         "FINDINGS: normal.\nIMPRESSION: normal.")
 
 
@@ -68,7 +73,7 @@ def test_read_column_csv_larger_than_one_block_with_multiline_texts(tmp_path):
     path = tmp_path / "big.csv"
     frame.to_csv(path, index=False)
     assert path.stat().st_size > 2_000_000
-    ids = tables.read_column(tables.locate(str(path)), "csv", "report_id")
+    ids = read_column(tables.locate(str(path)), "csv", "report_id")
     assert ids.to_pylist() == frame["report_id"].tolist()
 
 
@@ -76,8 +81,8 @@ def test_read_column_parquet_casts_to_string(tmp_path):
     path = tmp_path / "reports.parquet"
     pq.write_table(pa.table({"rid": [7, 8, 9], "body": ["a", "b", None]}), path)
     loc = tables.locate(str(path))
-    assert tables.read_column(loc, "parquet", "rid").to_pylist() == ["7", "8", "9"]
-    assert tables.read_column(loc, "parquet", "body").to_pylist() == ["a", "b", None]
+    assert read_column(loc, "parquet", "rid").to_pylist() == ["7", "8", "9"]
+    assert read_column(loc, "parquet", "body").to_pylist() == ["a", "b", None]
 
 
 def test_read_column_parquet_folder(tmp_path):
@@ -85,7 +90,7 @@ def test_read_column_parquet_folder(tmp_path):
     folder.mkdir()
     pq.write_table(pa.table({"report_id": ["a", "b"]}), folder / "part-0.parquet")
     pq.write_table(pa.table({"report_id": ["c"]}), folder / "part-1.parquet")
-    ids = tables.read_column(tables.locate(str(folder)), "parquet", "report_id")
+    ids = read_column(tables.locate(str(folder)), "parquet", "report_id")
     assert sorted(ids.to_pylist()) == ["a", "b", "c"]
 
 
@@ -97,8 +102,8 @@ def test_read_column_jsonl_with_mixed_types(tmp_path):
             {"text": "no id here"}, {"report_id": "x9", "text": None}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     loc = tables.locate(str(path))
-    assert tables.read_column(loc, "json", "report_id").to_pylist() == ["007", "8", None, "x9"]
-    assert tables.read_column(loc, "json", "text").to_pylist() == [TEXT, "42", "no id here", None]
+    assert read_column(loc, "json", "report_id").to_pylist() == ["007", "8", None, "x9"]
+    assert read_column(loc, "json", "text").to_pylist() == [TEXT, "42", "no id here", None]
 
 
 def test_parse_json_lines_keeps_the_type_of_texts():
@@ -115,7 +120,7 @@ def test_read_column_missing_column_names_the_flags(tmp_path, fmt):
     path = write_frame(frame, tmp_path / {"csv": "r.csv", "parquet": "r.parquet", "json": "r.jsonl"}[fmt])
     loc = tables.locate(str(path))
     with pytest.raises(KeyError, match="--id-column / --text-column"):
-        tables.read_column(loc, fmt, "accession")
+        read_column(loc, fmt, "accession")
     # The driver's check of the text column reads the schema, not the (large) column.
     with pytest.raises(KeyError, match="'accession' not in .*--id-column / --text-column"):
         tables.require_column(loc, fmt, "accession")

@@ -20,6 +20,7 @@ from ray_app.imaging.cnn import (CNNConfig, ImageBatches, build_cnn, image_path,
                                  train_epoch, undersample)
 from ray_app.metrics import binary_metrics
 from ray_app.calibration import eer_threshold
+from ray_app import placement
 from ray_app.ray_session import ensure_ray
 from ray_app.provenance import code_version, utc_now
 
@@ -56,8 +57,6 @@ def train_loop(config: dict) -> None:
     table = pd.DataFrame(config["table"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    from ray_app import placement
-
     placement.record_placement("cnn-worker")
     device = placement.worker_device(config["use_gpu"])
     model = build_cnn(cfg)
@@ -125,8 +124,6 @@ def run_cnn_training(cfg: CNNConfig) -> list[dict]:
 
     table = image_table(cfg)
     ensure_ray()
-    from ray_app import placement
-
     where = placement.place(cfg.device, max_workers=cfg.workers)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"cfg": asdict(cfg), "table": table.to_dict("list"),

@@ -26,6 +26,7 @@ from ray_app.imaging.dicom_store import DicomStore, FileError, SliceHeader, read
 from ray_app.imaging.disc_volumes import read_locations
 from ray_app.imaging.embeddings import DiscEmbedder, EmbeddingSettings, load_encoder
 from ray_app.imaging.studies import series_by_study, study_disc_volumes
+from ray_app import placement
 from ray_app.ray_session import ensure_ray
 from ray_app.provenance import code_version, utc_now
 
@@ -136,7 +137,7 @@ def write_errors(out: tables.TableLocation, errors: list[FileError]) -> None:
         now = utc_now()
         rows = [{**asdict(e), "recorded_at": now} for e in errors]
         key = "\n".join(sorted(json.dumps([e.name, e.reason, e.study_uid, e.series_uid]) for e in errors))
-        tables.write_table_atomically(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), out.child("errors"),
+        tables.write_table_atomically(tables.rows_table(rows, ERROR_SCHEMA), out.child("errors"),
                                       key=key)
 
 
@@ -155,8 +156,6 @@ class EmbedActor:
 
     def __init__(self, cfg: EmbedJobConfig, torch_threads: int | None):
         import torch
-
-        from ray_app import placement
 
         placement.record_placement("embed-actor")
         if torch_threads:
@@ -311,8 +310,6 @@ def _study_tasks(headers: pd.DataFrame, locations: pd.DataFrame, previous: Previ
 def _embed_studies(cfg: EmbedJobConfig, tasks: list[dict]) -> int:
     import ray
     import ray.data
-
-    from ray_app import placement
 
     capacity = placement.cluster_capacity()
     # On CPUs one encoder actor by default: the crop tasks need the other cores.
