@@ -181,7 +181,10 @@ def _breakdown(procs) -> list[tuple[int, int, str]]:
 def _object_store_bytes() -> int:
     try:
         import ray
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+        from ray._private.internal_api import (
+            get_memory_info_reply,
+            get_state_from_address,
+        )
 
         if not ray.is_initialized():
             return 0
@@ -207,7 +210,7 @@ def main() -> None:
     import ray
 
     from ray_app.engines import EngineConfig
-    from ray_app.label_job import LabelJobConfig, run_label_job
+    from ray_app.pipeline.label_job import LabelJobConfig, run_label_job
 
     with tempfile.TemporaryDirectory(prefix="bench-data-plane-") as tmp:
         folder = Path(args.keep or tmp)

@@ -18,13 +18,13 @@ import time
 import pandas as pd
 import torch
 
-from ray_app import prompts
-from ray_app.conditions import load_conditions
-from ray_app.embedded_default import sample_file
 from ray_app.engines import EngineConfig
 from ray_app.engines.transformers_engine import TransformersEngine
-from ray_app.labeller import Labeller, ReportTask
-from ray_app.scoring import score_from_logits
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import load_conditions
+from ray_app.labelling.labeller import Labeller, ReportTask
+from ray_app.labelling.scoring import score_from_logits
+from ray_app.pipeline.embedded_default import sample_file
 
 log = logging.getLogger("bench_engine")
 

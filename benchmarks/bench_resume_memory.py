@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ray_app import report_tables as tables  # noqa: E402
-from ray_app.conditions import load_conditions  # noqa: E402
 from ray_app.engines import EngineConfig  # noqa: E402
-from ray_app.label_job import LabelJobConfig, _manifest, check_resume  # noqa: E402
+from ray_app.labelling.conditions import load_conditions  # noqa: E402
+from ray_app.pipeline import report_tables as tables
+from ray_app.pipeline.label_job import LabelJobConfig, _manifest, check_resume  # noqa: E402
 
 CONDITIONS = ["cardiomegaly", "pleural_effusion", "atelectasis"]
 FINDINGS = ["Heart size is normal.", "Mild cardiomegaly.", "Small left pleural effusion.",

@@ -109,7 +109,7 @@ def run_level(url: str, concurrency: int, requests: int, max_seconds: float) -> 
 def serve_locally(engine: dict, max_batch_size: int, port: int) -> str:
     from ray import serve
 
-    from ray_app.serving import build_app
+    from ray_app.serving.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"conditions": ["spinal_cancer"], "engine": engine,

@@ -17,10 +17,15 @@ import logging
 
 import pandas as pd
 
-from ray_app.calibration import DEFAULT_TARGET, SOURCE_COLUMN, build_calibration, describe
-from ray_app.cli import run_job
-from ray_app.report_tables import read_label_rows
-from ray_app.review import load_truth
+from ray_app.evaluation.calibration import (
+    DEFAULT_TARGET,
+    SOURCE_COLUMN,
+    build_calibration,
+    describe,
+)
+from ray_app.evaluation.review import load_truth
+from ray_app.pipeline.cli import run_job
+from ray_app.pipeline.report_tables import read_label_rows
 
 log = logging.getLogger("calibrate")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from ray_app.cli import run_job
 from ray_app.imaging.embed_job import EmbedJobConfig, run_embed_job
 from ray_app.imaging.job_flags import config_from_args, parser_for
+from ray_app.pipeline.cli import run_job
 
 
 def main(argv: list[str]) -> None:

@@ -19,12 +19,18 @@ import logging
 from dataclasses import fields
 from pathlib import Path
 
-from ray_app.calibration import Calibration
-from ray_app.cli import run_job
-from ray_app.evaluation import EvaluationConfig, Run, evaluate_runs, scored_rows, split_reports
-from ray_app.evaluation_report import write_report
-from ray_app.report_tables import read_label_rows
-from ray_app.review import load_truth
+from ray_app.evaluation.calibration import Calibration
+from ray_app.evaluation.report import write_report
+from ray_app.evaluation.review import load_truth
+from ray_app.evaluation.runs import (
+    EvaluationConfig,
+    Run,
+    evaluate_runs,
+    scored_rows,
+    split_reports,
+)
+from ray_app.pipeline.cli import run_job
+from ray_app.pipeline.report_tables import read_label_rows
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,7 +54,7 @@ def named(pairs: list[str], what: str) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name or not value:
-            raise SystemExit(f"{what} {pair!r}: expected NAME=PATH")  # ray_app.cli: exit 2
+            raise SystemExit(f"{what} {pair!r}: expected NAME=PATH")  # ray_app.pipeline.cli: exit 2
         parsed[name] = value
     return parsed
 

@@ -14,9 +14,9 @@ import logging
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ray_app.cli import ColumnError, run_job
-from ray_app.report_tables import read_label_rows
-from ray_app.review import load_truth, review_rows, write_review
+from ray_app.evaluation.review import load_truth, review_rows, write_review
+from ray_app.pipeline.cli import ColumnError, run_job
+from ray_app.pipeline.report_tables import read_label_rows
 
 log = logging.getLogger("export_review")
 

@@ -16,9 +16,9 @@ import logging
 
 import yaml
 
-from ray_app.cli import run_job
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.ray_job import run_finetune
+from ray_app.pipeline.cli import run_job
 
 
 def build_config(argv: list[str]) -> FinetuneConfig:
@@ -40,7 +40,7 @@ def build_config(argv: list[str]) -> FinetuneConfig:
     try:
         return FinetuneConfig.from_dict(data)
     except (TypeError, ValueError) as err:  # missing or unknown fields, bad values
-        raise SystemExit(f"{args.config}: {err}") from err  # ray_app.cli: one line, exit 2
+        raise SystemExit(f"{args.config}: {err}") from err  # ray_app.pipeline.cli: one line, exit 2
 
 
 def main(argv: list[str]) -> None:

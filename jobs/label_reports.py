@@ -15,9 +15,9 @@ from dataclasses import fields
 
 import yaml
 
-from ray_app.cli import InputError, run_job
 from ray_app.engines import EngineConfig
-from ray_app.label_job import LabelJobConfig, run_label_job
+from ray_app.pipeline.cli import InputError, run_job
+from ray_app.pipeline.label_job import LabelJobConfig, run_label_job
 
 _ENGINE_FLAGS = ("engine", "model", "dtype", "device", "batch_size", "generate_batch_size",
                  "draft_tokens", "max_context_tokens", "max_new_tokens", "repetition_penalty",
@@ -86,11 +86,11 @@ def _read_config(path: str) -> dict:
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv:
-        from ray_app.embedded_default import run_embedded_default
+        from ray_app.pipeline.embedded_default import run_embedded_default
 
         run_embedded_default("ray_app_output/sample")
         return
-    # Errors end in one line (ray_app.cli): an engine that kept dying (EngineFailedError) as
+    # Errors end in one line (ray_app.pipeline.cli): an engine that kept dying (EngineFailedError) as
     # "failed" with its cause, not Ray's traceback of the dead actor.
     print(run_label_job(build_config(parse_args(argv))))
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ray_app.cli import InputError, run_job
 from ray_app.imaging.job_flags import config_from_args, parser_for
 from ray_app.imaging.phantoms import PhantomConfig, make_phantom_dataset
+from ray_app.pipeline.cli import InputError, run_job
 
 
 def main(argv: list[str]) -> None:

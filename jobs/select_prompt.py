@@ -19,16 +19,17 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ray_app.calibration import build_calibration, describe
-from ray_app.cli import run_job
-from ray_app.label_job import run_label_job
-from ray_app.prompt_selection import rank_variants
-from ray_app.prompts import load_prompt_variants
-from ray_app.report_tables import read_label_rows
-from ray_app.review import load_truth
+from ray_app.evaluation.calibration import build_calibration, describe
+from ray_app.evaluation.prompt_selection import rank_variants
+from ray_app.evaluation.review import load_truth
+from ray_app.labelling.prompts import load_prompt_variants
+from ray_app.pipeline.cli import run_job
+from ray_app.pipeline.label_job import run_label_job
+from ray_app.pipeline.report_tables import read_label_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_reports import build_config, parse_args as label_args  # noqa: E402
+from label_reports import build_config  # noqa: E402
+from label_reports import parse_args as label_args
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

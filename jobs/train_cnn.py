@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import logging
 
-from ray_app.cli import run_job
 from ray_app.imaging.cnn import CNNConfig
 from ray_app.imaging.cnn_train_job import run_cnn_training
 from ray_app.imaging.job_flags import config_from_args, parser_for
+from ray_app.pipeline.cli import run_job
 
 
 def main(argv: list[str]) -> None:

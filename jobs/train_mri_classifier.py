@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 
-from ray_app.cli import run_job
 from ray_app.imaging.job_flags import config_from_args, parser_for
 from ray_app.imaging.mri_training import TrainClassifierConfig, train_mri_classifier
+from ray_app.pipeline.cli import run_job
 
 
 def main(argv: list[str]) -> None:

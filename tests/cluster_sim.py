@@ -61,6 +61,13 @@ from typing import Any, Callable, Iterator, Sequence
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
+
+def tests_on_path() -> list[str]:
+    """tests/ and its subfolders: a Ray worker imports engines defined in test modules by their
+    module name (pytest puts each test module's own folder on the path, so workers need them all)."""
+    return [str(TESTS_DIR), *sorted(str(p) for p in TESTS_DIR.iterdir()
+                                     if p.is_dir() and not p.name.startswith(("_", ".")))]
+
 #: Environment variable set to the cluster's temp dir in every process of a simulated cluster
 #: that Ray starts from an environment we control; teardown uses it to find stragglers.
 MARKER_ENV = "RAY_APP_SIM_CLUSTER"
@@ -101,7 +108,7 @@ def make_temp_dir() -> str:
 
 def python_path() -> str:
     """PYTHONPATH for jobs and workers: the repo root, tests/, then the inherited one."""
-    parts = [str(REPO_ROOT), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
+    parts = [str(REPO_ROOT), *tests_on_path(), os.environ.get("PYTHONPATH", "")]
     return os.pathsep.join(p for p in parts if p)
 
 

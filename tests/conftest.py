@@ -7,6 +7,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on by default
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cluster_sim import tests_on_path  # noqa: E402
 from tiny_model import build_tiny_model  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
     tests = Path(__file__).resolve().parent
-    path = os.pathsep.join(p for p in (str(tests), str(tests.parent), os.environ.get("PYTHONPATH"))
+    path = os.pathsep.join(p for p in (*tests_on_path(), str(tests.parent), os.environ.get("PYTHONPATH"))
                            if p)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled"}})
@@ -61,3 +62,12 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[-1])
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 with the test bucket (tests/s3_server.py)."""
+    from s3_server import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint

@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
-from ray_app.prompts import Conversation
-from ray_app.scoring import AnswerTokens, answer_tokens
+from ray_app.labelling.prompts import Conversation
+from ray_app.labelling.scoring import AnswerTokens, answer_tokens
 
 # End-of-turn markers of common chat templates: generation stops at any of them.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")

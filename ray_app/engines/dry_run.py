@@ -8,7 +8,7 @@ import json
 from typing import Sequence
 
 from ray_app.engines.base import Engine, EngineConfig, Generation, model_identity
-from ray_app.prompts import Conversation
+from ray_app.labelling.prompts import Conversation
 
 
 class DryRunEngine(Engine):

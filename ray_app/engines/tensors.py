@@ -1,12 +1,12 @@
 """Tensor helpers shared by the transformers engine, its decoder and fine-tuning's evaluation:
 padding with the positions generate() would use, and the yes/no score of a batch of logits
-(the vectorised form of ray_app.scoring.score_from_logits, which tests hold it to)."""
+(the vectorised form of ray_app.labelling.scoring.score_from_logits, which tests hold it to)."""
 
 from __future__ import annotations
 
 import torch
 
-from ray_app.scoring import AnswerTokens
+from ray_app.labelling.scoring import AnswerTokens
 
 
 def yes_scores(last_logits: torch.Tensor, tokens: AnswerTokens) -> torch.Tensor:

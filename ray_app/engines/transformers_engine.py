@@ -9,13 +9,24 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ray_app.engines.base import (
-    ChatFormatter, Engine, EngineConfig, FollowUps, Generation, model_identity, split_by_lengths,
+    ChatFormatter,
+    Engine,
+    EngineConfig,
+    FollowUps,
+    Generation,
+    model_identity,
+    split_by_lengths,
 )
 from ray_app.engines.devices import resolve_device, resolve_dtype
 from ray_app.engines.lookup_decoding import DecodedBatch, LookupConfig, lookup_decode
-from ray_app.engines.tensors import left_pad, left_padded_positions, right_pad, yes_scores
-from ray_app.model_sources import resolve_model
-from ray_app.prompts import Conversation
+from ray_app.engines.model_sources import resolve_model
+from ray_app.engines.tensors import (
+    left_pad,
+    left_padded_positions,
+    right_pad,
+    yes_scores,
+)
+from ray_app.labelling.prompts import Conversation
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,17 @@ except ImportError as err:  # the registry turns this into its own install hint
         ".venv-vllm/bin/python"
     ) from err
 
-from ray_app.engines.base import ChatFormatter, Engine, EngineConfig, Generation, model_identity
+from ray_app.engines.base import (
+    ChatFormatter,
+    Engine,
+    EngineConfig,
+    Generation,
+    model_identity,
+)
 from ray_app.engines.devices import resolve_device, resolve_dtype
-from ray_app.model_sources import resolve_model
-from ray_app.prompts import Conversation
-from ray_app.scoring import score_from_token_logprobs
+from ray_app.engines.model_sources import resolve_model
+from ray_app.labelling.prompts import Conversation
+from ray_app.labelling.scoring import score_from_token_logprobs
 
 log = logging.getLogger(__name__)
 

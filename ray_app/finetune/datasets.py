@@ -21,11 +21,16 @@ from typing import Iterable, Sequence
 import pandas as pd
 import pyarrow.dataset as pads
 
-from ray_app import prompts
-from ray_app import report_tables as tables
-from ray_app.conditions import Condition
-from ray_app.prompts import Conversation, PromptTemplate
-from ray_app.sections import Section, drop_sections, find_summary, split_sections
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import Condition
+from ray_app.labelling.prompts import Conversation, PromptTemplate
+from ray_app.labelling.sections import (
+    Section,
+    drop_sections,
+    find_summary,
+    split_sections,
+)
+from ray_app.pipeline import report_tables as tables
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import pandas as pd
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from ray_app.calibration import CalibrationError, eer_threshold, join_truth
 from ray_app.engines.tensors import yes_scores
+from ray_app.evaluation.calibration import CalibrationError, eer_threshold, join_truth
 from ray_app.finetune.masking import IGNORE_INDEX, TokenisedExample, collate
-from ray_app.scoring import AnswerTokens
+from ray_app.labelling.scoring import AnswerTokens
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
 def label_job_metrics(labels_uri: str, truth_uri: str) -> dict[str, dict]:
     """Per condition metrics of a labelling job's scores against a truth table."""
-    from ray_app.report_tables import read_label_rows
+    from ray_app.pipeline.report_tables import read_label_rows
 
     truth = pd.read_csv(truth_uri, dtype={"report_id": str, "level": str})
     joined = join_truth(read_label_rows(labels_uri), truth)

@@ -17,12 +17,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ray_app import placement
 from ray_app.finetune import datasets
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.masking import TokenisedExample, tokenise_all
 from ray_app.finetune.train import ADAPTER_DIR, STATE_FILE, train_worker
-from ray_app.ray_session import ensure_ray
+from ray_app.pipeline import placement
+from ray_app.pipeline.ray_session import ensure_ray
 from ray_app.provenance import code_version, utc_now
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def build_examples(cfg: FinetuneConfig, reports_uri: str, labels_uri: str | None
         return datasets.summary_examples(reports, cfg.summary_kinds)
     if cfg.mode == "impression":
         return datasets.impression_examples(reports)
-    from ray_app.conditions import load_conditions
+    from ray_app.labelling.conditions import load_conditions
 
     labels = datasets.read_labels(labels_uri or "")
     return datasets.labeller_examples(reports, labels, load_conditions(cfg.conditions))
@@ -124,7 +124,7 @@ class RayWorkerContext:
 
 
 def worker_placement(cfg: FinetuneConfig):
-    """Training workers' resources from the configuration (ray_app/placement.py): `use_gpu`
+    """Training workers' resources from the configuration (ray_app/pipeline/placement.py): `use_gpu`
     true asks for a GPU per worker whatever the cluster holds now; None decides by what the
     cluster has or its autoscaler can reach."""
     return placement.place(placement.device_for(cfg.use_gpu), cpus_per_worker=cfg.cpus_per_worker,
@@ -216,8 +216,8 @@ def _prompt_provenance(cfg: FinetuneConfig) -> dict[str, Any]:
     meaningful with the same ones)."""
     if cfg.mode != "labeller":
         return {}
-    from ray_app.conditions import load_conditions
-    from ray_app.prompts import DEFAULT_TEMPLATE
+    from ray_app.labelling.conditions import load_conditions
+    from ray_app.labelling.prompts import DEFAULT_TEMPLATE
 
     return {"prompt_hash": DEFAULT_TEMPLATE.template_hash("direct"),
             "definition_hashes": {c.name: c.definition_hash()

@@ -22,9 +22,14 @@ import numpy as np
 import torch
 
 from ray_app.finetune.config import FinetuneConfig
-from ray_app.finetune.evaluation import HeldoutPass, heldout_pass, labeller_metrics, rouge
+from ray_app.finetune.evaluation import (
+    HeldoutPass,
+    heldout_pass,
+    labeller_metrics,
+    rouge,
+)
 from ray_app.finetune.masking import IGNORE_INDEX, TokenisedExample, collate
-from ray_app.scoring import answer_tokens
+from ray_app.labelling.scoring import answer_tokens
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +105,7 @@ def make_schedule(n_examples: int, cfg: FinetuneConfig, rank: int, world: int) -
 def load_tokenizer(model_spec: str) -> Any:
     from transformers import AutoTokenizer
 
-    from ray_app.model_sources import resolve_model
+    from ray_app.engines.model_sources import resolve_model
 
     location = resolve_model(model_spec)
     return AutoTokenizer.from_pretrained(location.folder, gguf_file=location.gguf_file)
@@ -110,7 +115,7 @@ def load_base(model_spec: str, device: torch.device) -> tuple[Any, Any]:
     """Base model (bf16 on GPU, fp32 on CPU) and tokenizer, from any model source."""
     from transformers import AutoModelForCausalLM
 
-    from ray_app.model_sources import resolve_model
+    from ray_app.engines.model_sources import resolve_model
 
     location = resolve_model(model_spec)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -15,13 +15,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ray_app.imaging.classifiers import split_studies, SplitConfig
-from ray_app.imaging.cnn import (CNNConfig, ImageBatches, build_cnn, image_path, predict_scores,
-                                 train_epoch, undersample)
-from ray_app.metrics import binary_metrics
-from ray_app.calibration import eer_threshold
-from ray_app import placement
-from ray_app.ray_session import ensure_ray
+from ray_app.evaluation.calibration import eer_threshold
+from ray_app.evaluation.metrics import binary_metrics
+from ray_app.imaging.classifiers import SplitConfig, split_studies
+from ray_app.imaging.cnn import (
+    CNNConfig,
+    ImageBatches,
+    build_cnn,
+    image_path,
+    predict_scores,
+    train_epoch,
+    undersample,
+)
+from ray_app.pipeline import placement
+from ray_app.pipeline.ray_session import ensure_ray
 from ray_app.provenance import code_version, utc_now
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ray_app.imaging.dicom_store import DicomStore, FileError, SliceHeader, UnusableFile, read_dataset
+from ray_app.imaging.dicom_store import (
+    DicomStore,
+    FileError,
+    SliceHeader,
+    UnusableFile,
+    read_dataset,
+)
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ray_app import report_tables as tables
+from ray_app.pipeline import report_tables as tables
 
 log = logging.getLogger(__name__)
 

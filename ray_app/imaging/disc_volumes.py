@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import map_coordinates
 
-from ray_app import report_tables as tables
 from ray_app.imaging.dicom_series import Volume
+from ray_app.pipeline import report_tables as tables
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,20 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ray_app import report_tables as tables
 from ray_app.imaging.dicom_series import SelectionRule
-from ray_app.imaging.dicom_store import DicomStore, FileError, SliceHeader, read_header, UnusableFile
+from ray_app.imaging.dicom_store import (
+    DicomStore,
+    FileError,
+    SliceHeader,
+    UnusableFile,
+    read_header,
+)
 from ray_app.imaging.disc_volumes import read_locations
 from ray_app.imaging.embeddings import DiscEmbedder, EmbeddingSettings, load_encoder
 from ray_app.imaging.studies import series_by_study, study_disc_volumes
-from ray_app import placement
-from ray_app.ray_session import ensure_ray
+from ray_app.pipeline import placement
+from ray_app.pipeline import report_tables as tables
+from ray_app.pipeline.ray_session import ensure_ray
 from ray_app.provenance import code_version, utc_now
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,16 @@ import pandas as pd
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
-from ray_app import report_tables as tables
-from ray_app.imaging.classifiers import (DiscSVM, NSKSVM, SplitConfig, TrainedClassifier,
-                                         fit_and_calibrate, split_studies)
+from ray_app.imaging.classifiers import (
+    NSKSVM,
+    DiscSVM,
+    SplitConfig,
+    TrainedClassifier,
+    fit_and_calibrate,
+    split_studies,
+)
 from ray_app.imaging.disc_volumes import normalise_level
+from ray_app.pipeline import report_tables as tables
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,12 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from ray_app.imaging.phantom_anatomy import LEVELS, SpineAnatomy, random_anatomy, render_slice
+from ray_app.imaging.phantom_anatomy import (
+    LEVELS,
+    SpineAnatomy,
+    random_anatomy,
+    render_slice,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,11 @@ from ray_app.imaging.classifiers import TrainedClassifier
 from ray_app.imaging.dicom_series import SelectionRule
 from ray_app.imaging.dicom_store import DicomStore
 from ray_app.imaging.disc_volumes import normalise_locations
-from ray_app.imaging.embeddings import DiscEmbedder, EmbeddingSettings, random_weights_seed
+from ray_app.imaging.embeddings import (
+    DiscEmbedder,
+    EmbeddingSettings,
+    random_weights_seed,
+)
 from ray_app.imaging.studies import find_studies, study_disc_volumes
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,13 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-from ray_app.imaging.dicom_series import (SelectionRule, Series, choose_per_study, group_series,
-                                          load_volume)
+from ray_app.imaging.dicom_series import (
+    SelectionRule,
+    Series,
+    choose_per_study,
+    group_series,
+    load_volume,
+)
 from ray_app.imaging.dicom_store import DicomStore, FileError, SliceHeader, scan_headers
 from ray_app.imaging.disc_volumes import DiscVolume, disc_volumes
 from ray_app.imaging.embeddings import DiscEmbedder

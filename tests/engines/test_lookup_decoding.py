@@ -2,13 +2,18 @@
 
 import pytest
 import torch
+from tiny_model import force_next_tokens
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from ray_app import prompts
-from ray_app.conditions import load_condition
 from ray_app.engines import EngineConfig, make_engine
-from ray_app.engines.lookup_decoding import LookupConfig, lookup_decode, penalise, propose
-from tiny_model import force_next_tokens
+from ray_app.engines.lookup_decoding import (
+    LookupConfig,
+    lookup_decode,
+    penalise,
+    propose,
+)
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import load_condition
 
 REPORTS = [
     "FINDINGS: Severe central canal stenosis at L4-L5.\nIMPRESSION: Severe stenosis.",

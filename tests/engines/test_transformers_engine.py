@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from tiny_model import force_next_tokens
 
-from ray_app import prompts
-from ray_app.conditions import load_condition
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.transformers_engine import _common_prefix_len, shared_prefix_groups
-from ray_app.scoring import score_from_logits
-from tiny_model import force_next_tokens
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import load_condition
+from ray_app.labelling.scoring import score_from_logits
 
 REPORTS = [
     "FINDINGS: Severe central canal stenosis at L4-L5.\nIMPRESSION: Severe stenosis.",

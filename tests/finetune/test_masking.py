@@ -7,12 +7,18 @@ import pandas as pd
 import pytest
 import torch
 
-from ray_app import prompts
-from ray_app.conditions import condition_from_dict
 from ray_app.engines.base import ChatFormatter
 from ray_app.finetune.datasets import TextExample, labeller_examples, summary_examples
-from ray_app.finetune.masking import (IGNORE_INDEX, TargetTooLong, collate, tokenise,
-                                      tokenise_all, truncate_prompt)
+from ray_app.finetune.masking import (
+    IGNORE_INDEX,
+    TargetTooLong,
+    collate,
+    tokenise,
+    tokenise_all,
+    truncate_prompt,
+)
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import condition_from_dict
 
 M = IGNORE_INDEX
 REPORTS = pd.DataFrame({

@@ -9,13 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+from synthetic import write_reports
 
-from ray_app import prompts
-from ray_app.conditions import condition_from_dict
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.finetune.config import FinetuneConfig
-
-from synthetic import write_reports
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import condition_from_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from synthetic import write_reports
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

@@ -4,12 +4,16 @@ held-out yes/no metrics, ROUGE of generated impressions, gradient checkpointing.
 from __future__ import annotations
 
 import pytest
+from synthetic import write_reports
 
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.ray_job import prepare_data
-from ray_app.finetune.train import LocalContext, load_tokenizer, make_schedule, train_worker
-
-from synthetic import write_reports
+from ray_app.finetune.train import (
+    LocalContext,
+    load_tokenizer,
+    make_schedule,
+    train_worker,
+)
 
 
 def _config(**overrides) -> FinetuneConfig:

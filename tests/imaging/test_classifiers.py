@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_app.imaging.classifiers import (DiscSVM, NSKSVM, SplitConfig, TrainedClassifier,
-                                         fit_and_calibrate, nsk_kernel, split_studies)
+from ray_app.imaging.classifiers import (
+    NSKSVM,
+    DiscSVM,
+    SplitConfig,
+    TrainedClassifier,
+    fit_and_calibrate,
+    nsk_kernel,
+    split_studies,
+)
 
 
 def test_nsk_equals_the_linear_kernel_of_mean_embeddings_on_a_toy_case():
@@ -63,7 +70,7 @@ def test_calibrated_disc_classifier_round_trips_through_a_folder(tmp_path):
     trained = fit_and_calibrate(DiscSVM(), parts, "stenosis", {"note": "toy"}, {"weights_id": "x"})
     assert trained.metrics["test"]["auroc"] > 0.9
     val_scores = trained.model.scores(parts["validation"][0])
-    from ray_app.calibration import eer_threshold
+    from ray_app.evaluation.calibration import eer_threshold
 
     assert trained.threshold == eer_threshold(parts["validation"][1], val_scores)[0]
     assert trained.metrics["test"]["threshold"] == trained.threshold

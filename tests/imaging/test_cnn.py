@@ -11,8 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ray_app.imaging.cnn import (CNNConfig, ImageBatches, build_cnn, read_image, to_tensor,
-                                 train_epoch, undersample)
+from ray_app.imaging.cnn import (
+    CNNConfig,
+    ImageBatches,
+    build_cnn,
+    read_image,
+    to_tensor,
+    train_epoch,
+    undersample,
+)
 
 
 def test_undersampling_keeps_every_positive_and_draws_fresh_negatives():

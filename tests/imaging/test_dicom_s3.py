@@ -1,12 +1,11 @@
 """DICOM files and the locations table under an s3:// prefix (moto's server on 127.0.0.1, the
-wrapper of tests/test_s3.py): same studies, volumes and errors as from the local folder."""
+wrapper of tests/s3_server.py): same studies, volumes and errors as from the local folder."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-from test_s3 import BUCKET, _client, s3_endpoint  # noqa: F401  (s3_endpoint: moto fixture)
+from s3_server import BUCKET, _client
 
 from ray_app.imaging.dicom_series import SelectionRule
 from ray_app.imaging.dicom_store import DicomStore

@@ -6,9 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ray_app.imaging.dicom_series import (SelectionRule, choose_per_study, choose_series,
-                                          group_series, load_volume, order_slices, plane_of,
-                                          weighting_of)
+from ray_app.imaging.dicom_series import (
+    SelectionRule,
+    choose_per_study,
+    choose_series,
+    group_series,
+    load_volume,
+    order_slices,
+    plane_of,
+    weighting_of,
+)
 from ray_app.imaging.dicom_store import DicomStore, SliceHeader, scan_headers
 from ray_app.imaging.phantoms import SCALE
 

@@ -7,8 +7,13 @@ import pandas as pd
 import pytest
 
 from ray_app.imaging.dicom_series import Volume
-from ray_app.imaging.disc_volumes import (LocationsError, crop_disc, disc_volumes,
-                                          normalise_level, normalise_locations)
+from ray_app.imaging.disc_volumes import (
+    LocationsError,
+    crop_disc,
+    disc_volumes,
+    normalise_level,
+    normalise_locations,
+)
 
 
 def numbered_volume(slices=5, rows=40, cols=60) -> np.ndarray:

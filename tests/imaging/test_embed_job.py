@@ -9,10 +9,15 @@ import pandas as pd
 import pytest
 from conftest import SMALL_CROP, SMALL_IMAGE_SIZE
 
-from ray_app import report_tables as tables
 from ray_app.imaging.dicom_store import FileError
-from ray_app.imaging.embed_job import EmbedActor, EmbedJobConfig, run_embed_job, write_errors
+from ray_app.imaging.embed_job import (
+    EmbedActor,
+    EmbedJobConfig,
+    run_embed_job,
+    write_errors,
+)
 from ray_app.imaging.embeddings import WeightsError
+from ray_app.pipeline import report_tables as tables
 
 pytestmark = pytest.mark.ray
 

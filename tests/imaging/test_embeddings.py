@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from ray_app.imaging.embeddings import (DiscEmbedder, WeightsError, load_encoder,
-                                        random_weights_seed, slices_to_images)
+from ray_app.imaging.embeddings import (
+    DiscEmbedder,
+    WeightsError,
+    load_encoder,
+    random_weights_seed,
+    slices_to_images,
+)
 
 
 @pytest.fixture(scope="module")

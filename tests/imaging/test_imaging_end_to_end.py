@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 from conftest import SMALL, SMALL_CROP, SMALL_IMAGE_SIZE
 
-from ray_app import report_tables as tables
 from ray_app.imaging.classifiers import TrainedClassifier
 from ray_app.imaging.dicom_series import SelectionRule
 from ray_app.imaging.dicom_store import DicomStore
@@ -17,9 +16,15 @@ from ray_app.imaging.disc_volumes import read_locations
 from ray_app.imaging.embed_job import check_manifest, embedding_table
 from ray_app.imaging.embeddings import DiscEmbedder, EmbeddingSettings
 from ray_app.imaging.mri_training import TrainClassifierConfig, train_mri_classifier
-from ray_app.imaging.phantoms import CANCER, STENOSIS, PhantomConfig, make_phantom_dataset
+from ray_app.imaging.phantoms import (
+    CANCER,
+    STENOSIS,
+    PhantomConfig,
+    make_phantom_dataset,
+)
 from ray_app.imaging.predict import PredictionError, predict_study
 from ray_app.imaging.studies import embed_studies
+from ray_app.pipeline import report_tables as tables
 
 
 @pytest.fixture(scope="module")

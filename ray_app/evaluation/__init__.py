@@ -1,0 +1,1 @@
+"""Calibration and evaluation: thresholds, metrics, evaluation runs and reports, review, prompt selection."""

@@ -1,0 +1,1 @@
+"""Reports -> labels: conditions, prompts, sections, scoring, the labeller, the rule baseline."""

@@ -1,0 +1,189 @@
+"""Condition specs: one YAML file per condition, validated on load.
+
+A condition is data, not code: a user adds one by writing a YAML file and passing its path
+wherever a built-in name is accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ray_app.labelling.sections import SECTION_KINDS
+
+_BUILTIN_PACKAGE = "ray_app.labelling.condition_specs"
+_ALLOWED_KEYS = {"name", "display_name", "definition", "levels", "drop_sections", "few_shot",
+                 "synonyms"}
+_ANSWERS = ("yes", "no")
+
+
+class ConditionError(ValueError):
+    """A condition spec is missing, malformed or unknown."""
+
+
+@dataclass(frozen=True)
+class FewShotExample:
+    """A worked example shown to the model before the real report."""
+
+    report: str = field(metadata={"doc": "Example report text."})
+    answer: str = field(metadata={"doc": "'yes' or 'no'."})
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What to ask about a report, and which parts of the report the model may see."""
+
+    name: str = field(metadata={"doc": "Identifier used in outputs and calibration files."})
+    definition: str = field(metadata={"doc": "One-sentence definition put before the question."})
+    display_name: str = field(default="", metadata={"doc": "Wording used in the prompt."})
+    levels: tuple[str, ...] = field(
+        default=(), metadata={"doc": "Level-specific questions (e.g. L4-L5); empty for none."}
+    )
+    drop_sections: tuple[str, ...] = field(
+        default=(), metadata={"doc": "Section kinds left out of the prompt (e.g. history)."}
+    )
+    few_shot: tuple[FewShotExample, ...] = field(
+        default=(), metadata={"doc": "Optional worked examples (off by default in the method)."}
+    )
+    synonyms: tuple[str, ...] = field(
+        default=(), metadata={"doc": "Phrases the rule baseline looks for; not shown to the LLM."}
+    )
+
+    @property
+    def prompt_name(self) -> str:
+        return self.display_name or self.name.replace("_", " ")
+
+    def definition_hash(self) -> str:
+        """Hash of everything in the spec that changes what the model is asked."""
+        payload = json.dumps(
+            {
+                "display_name": self.prompt_name,
+                "definition": self.definition,
+                "levels": list(self.levels),
+                "drop_sections": sorted(self.drop_sections),
+                "few_shot": [[e.report, e.answer] for e in self.few_shot],
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def condition_from_dict(data: dict, source: str) -> Condition:
+    """Validate a parsed YAML mapping; `source` names the file in error messages."""
+    if not isinstance(data, dict):
+        raise ConditionError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    unknown = set(data) - _ALLOWED_KEYS
+    if unknown:
+        raise ConditionError(
+            f"{source}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED_KEYS)}"
+        )
+    name = _required_text(data, "name", source)
+    definition = _required_text(data, "definition", source)
+    levels = _text_list(data.get("levels") or [], "levels", source)
+    if len(set(levels)) != len(levels):
+        raise ConditionError(f"{source}: 'levels' has duplicates: {levels}")
+    drops = _text_list(data.get("drop_sections") or [], "drop_sections", source)
+    bad = [d for d in drops if d not in SECTION_KINDS]
+    if bad:
+        raise ConditionError(
+            f"{source}: drop_sections {bad} are not section kinds; use some of {list(SECTION_KINDS)}"
+        )
+    return Condition(
+        name=name,
+        definition=definition,
+        display_name=str(data.get("display_name") or ""),
+        levels=tuple(levels),
+        drop_sections=tuple(drops),
+        few_shot=tuple(_few_shot(data.get("few_shot") or [], source)),
+        synonyms=tuple(_text_list(data.get("synonyms") or [], "synonyms", source)),
+    )
+
+
+_REQUIRED_HINTS = {
+    "name": "the identifier used in outputs and calibrations, e.g. name: foraminal_stenosis",
+    "definition": "one sentence put before the question, e.g. definition: Foraminal stenosis "
+                  "is narrowing of an intervertebral foramen of any grade.",
+}
+
+
+def _required_text(data: dict, key: str, source: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConditionError(f"{source}: '{key}' must be a non-empty string ("
+                             f"{'missing' if value is None else repr(value)}); add "
+                             f"{_REQUIRED_HINTS.get(key, key)}")
+    return value.strip()
+
+
+def _text_list(value: object, key: str, source: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConditionError(f"{source}: '{key}' must be a list of non-empty strings")
+    return [v.strip() for v in value]
+
+
+def _few_shot(value: object, source: str) -> list[FewShotExample]:
+    if not isinstance(value, list):
+        raise ConditionError(f"{source}: 'few_shot' must be a list of {{report, answer}}")
+    examples = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"report", "answer"}:
+            raise ConditionError(f"{source}: few_shot[{i}] must have exactly 'report' and 'answer'")
+        raw = item["answer"]
+        # YAML reads an unquoted yes/no as a boolean.
+        answer = ("yes" if raw else "no") if isinstance(raw, bool) else str(raw).strip().lower()
+        if answer not in _ANSWERS:
+            raise ConditionError(f"{source}: few_shot[{i}].answer must be 'yes' or 'no'")
+        examples.append(FewShotExample(report=str(item["report"]), answer=answer))
+    return examples
+
+
+def builtin_condition_names() -> list[str]:
+    files = resources.files(_BUILTIN_PACKAGE).iterdir()
+    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
+
+
+def load_condition(name_or_path: str | Path) -> Condition:
+    """Load a built-in condition by name, or a user's YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConditionError(f"condition file {path} does not exist; pass a built-in "
+                                 f"condition name ({', '.join(builtin_condition_names())}) or "
+                                 "the path of your own YAML file")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConditionError(f"cannot read condition file {path}: {err}") from err
+        return _load_yaml(text, str(path))
+    spec = resources.files(_BUILTIN_PACKAGE) / f"{name_or_path}.yaml"
+    if not spec.is_file():
+        builtins = builtin_condition_names()
+        close = difflib.get_close_matches(str(name_or_path), builtins, n=1)
+        raise ConditionError(
+            f"unknown condition {str(name_or_path)!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f": built-ins are {builtins}; or pass the path of your own YAML file"
+        )
+    return _load_yaml(spec.read_text(), f"built-in condition {name_or_path}")
+
+
+def load_conditions(names_or_paths: list[str]) -> list[Condition]:
+    conditions = [load_condition(n) for n in names_or_paths]
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise ConditionError(f"the same condition is named twice: {names}")
+    return conditions
+
+
+def _load_yaml(text: str, source: str) -> Condition:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConditionError(f"{source}: not valid YAML: {err}") from err
+    return condition_from_dict(data, source)

@@ -1,0 +1,146 @@
+"""The labeller: reports and conditions in, one scored row per (report, condition, level) out.
+
+Plain Python with no Ray in it; the Ray Data job and the Serve app are thin layers around it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ray_app.engines.base import Engine
+from ray_app.evaluation.calibration import Calibration
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import Condition
+from ray_app.labelling.prompts import DEFAULT_TEMPLATE, Conversation, PromptTemplate
+from ray_app.labelling.sections import drop_sections, shorten_report
+from ray_app.pipeline.report_tables import LABEL_SCHEMA
+from ray_app.provenance import code_version, utc_now
+
+log = logging.getLogger(__name__)
+
+# Columns of every label row, in output order: the label table's schema is their one definition.
+LABEL_COLUMNS = tuple(LABEL_SCHEMA.names)
+
+
+@dataclass(frozen=True)
+class ReportTask:
+    """One report and the conditions still to label for it."""
+
+    report_id: str
+    text: str
+    conditions: tuple[str, ...] | None = None  # None: every condition of the labeller
+
+
+@dataclass
+class _Item:
+    """One (report, condition) on its way through the prompts."""
+
+    report_id: str
+    condition: Condition
+    report: str
+    truncated: bool
+    summary: str | None = None
+
+
+class Labeller:
+    def __init__(
+        self,
+        engine: Engine,
+        conditions: Sequence[Condition],
+        method: str = "direct",
+        template: PromptTemplate = DEFAULT_TEMPLATE,
+        calibration: Calibration | None = None,
+        calibrate_every_condition: bool = True,
+    ):
+        """`calibrate_every_condition=False` lets conditions the calibration lacks through with
+        scores only (the endpoint refuses them per request instead); a calibration made for
+        another model, prompt or definition is refused either way."""
+        if method not in prompts.METHODS:
+            raise ValueError(f"method {method!r} is not one of {prompts.METHODS}")
+        self.engine = engine
+        self.conditions = {c.name: c for c in conditions}
+        self.method = method
+        self.template = template
+        self.prompt_hash = template.template_hash(method)
+        self.calibration = calibration
+        if calibration is not None:
+            for c in conditions:
+                if not calibrate_every_condition and c.name not in calibration.definition_hashes:
+                    continue
+                calibration.check_applies(
+                    engine.model_id, self.prompt_hash, c.name, c.definition_hash()
+                )
+
+    def label(self, tasks: Sequence[ReportTask]) -> list[dict[str, Any]]:
+        items = [self._prepare(t.report_id, t.text, self.conditions[name])
+                 for t in tasks for name in (t.conditions or tuple(self.conditions))]
+        questions = [(item, level) for item in items for level in prompts.question_levels(item.condition)]
+        if self.method == "summary":
+            scores = self._summarise_and_score(items)
+        else:
+            scores = self.engine.score([self._question(item, level) for item, level in questions])
+        stamp = utc_now()
+        return [self._row(item, level, score, stamp) for (item, level), score in zip(questions, scores)]
+
+    def _prepare(self, report_id: str, text: str, condition: Condition) -> _Item:
+        report = drop_sections(text, condition.drop_sections)
+        shortened = shorten_report(report, lambda r: self._fits(r, condition))
+        if shortened != report:
+            log.warning("report %s shortened to fit %d tokens (%s)", report_id,
+                        self.engine.config.max_context_tokens, condition.name)
+        return _Item(report_id, condition, shortened, truncated=shortened != report)
+
+    def _fits(self, report: str, condition: Condition) -> bool:
+        """Does the longest prompt for this report fit the context, answer/summary included?"""
+        longest_level = max(prompts.question_levels(condition), key=lambda lv: len(lv or ""))
+        item = _Item("", condition, report, False)
+        reserve = 1 + (self.engine.config.max_new_tokens if self.method == "summary" else 0)
+        tokens = self.engine.count_tokens(self._question(item, longest_level))
+        return tokens + reserve <= self.engine.config.max_context_tokens
+
+    def _summarise_and_score(self, items: list[_Item]) -> list[float]:
+        """Each item's summary, then its questions asked after it; scores in question order.
+        The summaries come back with the scores and are kept on the items for their rows."""
+        requests = [prompts.summary_request_conversation(self.template, i.condition, i.report)
+                    for i in items]
+
+        def follow_ups(index: int, summary: str) -> list[Conversation]:
+            item = items[index]
+            return [self._question(item, level, summary)
+                    for level in prompts.question_levels(item.condition)]
+
+        generations, scores = self.engine.generate_then_score(requests, follow_ups)
+        for item, generation in zip(items, generations):
+            item.summary = generation.text
+        return [score for item_scores in scores for score in item_scores]
+
+    def _question(self, item: _Item, level: str | None, summary: str = "") -> Conversation:
+        if self.method == "summary":
+            return prompts.summary_question_conversation(
+                self.template, item.condition, item.report, summary, level
+            )
+        return prompts.direct_conversation(self.template, item.condition, item.report, level)
+
+    def _row(self, item: _Item, level: str | None, score: float, stamp: str) -> dict[str, Any]:
+        entry = self.calibration.entry(item.condition.name, level) if self.calibration else None
+        return {
+            "report_id": item.report_id,
+            "condition": item.condition.name,
+            "level": level,
+            "method": self.method,
+            "score": float(score),
+            "label": None if entry is None else bool(score >= entry.threshold),
+            "threshold": None if entry is None else entry.threshold,
+            "uncertain": None if entry is None else entry.is_uncertain(score),
+            "summary": item.summary,
+            "truncated": item.truncated,
+            "model": self.engine.model_id,
+            "engine": self.engine.name,
+            "definition_hash": item.condition.definition_hash(),
+            "prompt_hash": self.prompt_hash,
+            "calibration_id": self.calibration.calibration_id if self.calibration else None,
+            "code_version": code_version(),
+            "labelled_at": stamp,
+        }

@@ -1,0 +1,191 @@
+"""Prompt wording (the paper's, by default) and the conversations built from it.
+
+Conversations are lists of chat messages; each engine renders them through the model's own
+chat template, so the same wording works for any instruct model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ray_app.labelling.conditions import Condition
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+METHODS = ("direct", "summary")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The wording of both prompting strategies; `{...}` fields are filled per report."""
+
+    system: str = field(
+        default=(
+            "You are a radiologist. Your job is to diagnose {condition} using a medical report. "
+            "Tell the truth and answer as precisely as possible.\nReport: {report}"
+        ),
+        metadata={"doc": "System message; holds the report."},
+    )
+    direct_question: str = field(
+        default=(
+            "{definition} Based on the report, does the patient have {condition}{at_level}? "
+            "Answer 'yes' for yes, 'no' for no."
+        ),
+        metadata={"doc": "Direct query: the user turn whose answer token is scored."},
+    )
+    summary_request: str = field(
+        default="Can you write a summary for the report with the goal of diagnosing {condition}?",
+        metadata={"doc": "Summary-then-query, step 1: the model writes a summary."},
+    )
+    summary_question: str = field(
+        default="{definition} Based on your summary, does the patient have {condition}{at_level}?",
+        metadata={"doc": "Summary-then-query, step 2: asked after the summary, scored."},
+    )
+    level_suffix: str = field(
+        default=" at {level}", metadata={"doc": "Appended to the condition for a level question."}
+    )
+    name: str = field(default="paper", metadata={"doc": "Label for reports; not hashed."})
+
+    def template_hash(self, method: str) -> str:
+        """Hash of the wording used by `method`; in every output row."""
+        fields = asdict(self)
+        fields.pop("name")
+        if method == "direct":
+            fields.pop("summary_request"), fields.pop("summary_question")
+        else:
+            fields.pop("direct_question")
+        payload = json.dumps({"method": method, **fields}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+DEFAULT_TEMPLATE = PromptTemplate()
+
+# The placeholders each field may use; anything else is a typo that would fail on every report.
+_PLACEHOLDERS = {
+    "system": {"condition", "report"},
+    "direct_question": {"definition", "condition", "at_level"},
+    "summary_request": {"condition"},
+    "summary_question": {"definition", "condition", "at_level"},
+    "level_suffix": {"level"},
+}
+
+
+class PromptError(ValueError):
+    """A prompt variant file that cannot be used."""
+
+
+def template_from_dict(data: dict, where: str) -> PromptTemplate:
+    """A PromptTemplate from a mapping of its fields (others keep the paper's wording)."""
+    known = {f.name for f in fields(PromptTemplate)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PromptError(f"{where}: unknown prompt fields {unknown}; known: {sorted(known)}")
+    for name, allowed in _PLACEHOLDERS.items():
+        if name in data:
+            _check_placeholders(str(data[name]), allowed, f"{where}, field {name!r}")
+    if "{report}" not in str(data.get("system", "{report}")):
+        raise PromptError(f"{where}: the system field must contain {{report}}")
+    return PromptTemplate(**{k: str(v) for k, v in data.items()})
+
+
+def _check_placeholders(text: str, allowed: set[str], where: str) -> None:
+    try:
+        text.format(**{name: "" for name in allowed})
+    except (KeyError, IndexError, ValueError) as err:
+        raise PromptError(f"{where}: bad placeholder {err} (allowed: "
+                          f"{', '.join('{' + a + '}' for a in sorted(allowed))}); write a literal "
+                          "brace as {{ or }}") from err
+
+
+def load_prompt_variants(path: str | Path) -> list[PromptTemplate]:
+    """Prompt variants from YAML: one mapping, or a list of mappings each with a unique `name`."""
+    data = yaml.safe_load(Path(path).read_text())
+    items = data if isinstance(data, list) else [data]
+    if not items or not all(isinstance(i, dict) for i in items):
+        raise PromptError(f"{path}: expected a mapping of prompt fields or a list of them")
+    variants = [template_from_dict(item, f"{path}, variant {n}") for n, item in enumerate(items)]
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise PromptError(f"{path}: variant names must be unique, got {names}")
+    return variants
+
+
+def load_prompt(path: str | Path, name: str | None = None) -> PromptTemplate:
+    """One variant from a prompt file: the only one, or the one called `name`."""
+    variants = load_prompt_variants(path)
+    if name is None and len(variants) == 1:
+        return variants[0]
+    chosen = [v for v in variants if v.name == name]
+    if not chosen:
+        raise PromptError(f"{path}: choose a variant with --prompt-name, one of "
+                          f"{[v.name for v in variants]} (got {name!r})")
+    return chosen[0]
+
+
+def _system(template: PromptTemplate, condition: Condition, report: str) -> Message:
+    text = template.system.format(condition=condition.prompt_name, report=report)
+    return {"role": "system", "content": text}
+
+
+def _question(text: str, template: PromptTemplate, condition: Condition, level: str | None) -> str:
+    at_level = template.level_suffix.format(level=level) if level else ""
+    return text.format(
+        definition=condition.definition, condition=condition.prompt_name, at_level=at_level
+    )
+
+
+def _few_shot_turns(template: PromptTemplate, condition: Condition) -> Conversation:
+    """Worked examples as earlier user/assistant turns, each carrying its own report."""
+    turns: Conversation = []
+    for example in condition.few_shot:
+        question = _question(template.direct_question, template, condition, None)
+        turns.append({"role": "user", "content": f"Report: {example.report}\n{question}"})
+        turns.append({"role": "assistant", "content": example.answer})
+    return turns
+
+
+def direct_conversation(
+    template: PromptTemplate, condition: Condition, report: str, level: str | None = None
+) -> Conversation:
+    """Direct query; the answer token follows the opened assistant turn."""
+    question = _question(template.direct_question, template, condition, level)
+    return [
+        _system(template, condition, report),
+        *_few_shot_turns(template, condition),
+        {"role": "user", "content": question},
+    ]
+
+
+def summary_request_conversation(
+    template: PromptTemplate, condition: Condition, report: str
+) -> Conversation:
+    """Summary-then-query, step 1: the model completes this with a summary."""
+    request = template.summary_request.format(condition=condition.prompt_name)
+    return [_system(template, condition, report), {"role": "user", "content": request}]
+
+
+def summary_question_conversation(
+    template: PromptTemplate,
+    condition: Condition,
+    report: str,
+    summary: str,
+    level: str | None = None,
+) -> Conversation:
+    """Summary-then-query, step 2: the summary becomes the assistant's turn, then the question."""
+    question = _question(template.summary_question, template, condition, level)
+    return [
+        *summary_request_conversation(template, condition, report),
+        {"role": "assistant", "content": summary},
+        {"role": "user", "content": question},
+    ]
+
+
+def question_levels(condition: Condition) -> list[str | None]:
+    """One overall question, then one per level (a level-specific condition gets both)."""
+    return [None, *condition.levels]

@@ -1,0 +1,1 @@
+"""The Ray layer the jobs share: CLI, session, placement, progress, resume, tables, and the label job."""

@@ -1,0 +1,1 @@
+"""The Ray Serve app: the labelling and MRI endpoints and their request checks."""

@@ -1,0 +1,118 @@
+"""The labeller core with a tiny model: rows, methods, calibration, truncation."""
+
+import dataclasses
+
+import pytest
+
+from ray_app.engines import EngineConfig, make_engine
+from ray_app.evaluation.calibration import Calibration, CalibrationError, ThresholdEntry
+from ray_app.labelling.conditions import load_condition
+from ray_app.labelling.labeller import LABEL_COLUMNS, Labeller, ReportTask
+from ray_app.labelling.prompts import DEFAULT_TEMPLATE
+
+REPORT = ("CLINICAL HISTORY: known breast cancer, ?metastasis.\nFINDINGS: Moderate central canal "
+          "stenosis at L4-L5. No suspicious marrow lesion.\nIMPRESSION: No metastasis.")
+TASKS = [ReportTask("a", REPORT), ReportTask("b", "Normal lumbar spine MRI.")]
+
+
+@pytest.fixture(scope="module")
+def conditions():
+    return [load_condition("spinal_cancer"), load_condition("spinal_canal_stenosis")]
+
+
+@pytest.mark.parametrize("method", ["direct", "summary"])
+def test_one_row_per_report_condition_level(tiny_engine, conditions, method):
+    rows = Labeller(tiny_engine, conditions, method).label(TASKS)
+    keys = [(r["report_id"], r["condition"], r["level"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 2 * (1 + 6)
+    assert all(set(r) == set(LABEL_COLUMNS) for r in rows)
+    assert all(0.0 <= r["score"] <= 1.0 and r["label"] is None for r in rows)
+    assert {r["prompt_hash"] for r in rows} == {DEFAULT_TEMPLATE.template_hash(method)}
+    summaries = {r["summary"] for r in rows}
+    assert (summaries == {None}) == (method == "direct")
+
+
+def test_summary_rows_of_one_report_condition_share_one_summary(tiny_engine, conditions):
+    rows = Labeller(tiny_engine, conditions, "summary").label(TASKS[:1])
+    stenosis = [r["summary"] for r in rows if r["condition"] == "spinal_canal_stenosis"]
+    assert len(stenosis) == 6 and len(set(stenosis)) == 1 and stenosis[0]
+
+
+def test_only_requested_conditions_are_labelled(tiny_engine, conditions):
+    rows = Labeller(tiny_engine, conditions).label([ReportTask("a", REPORT, ("spinal_cancer",))])
+    assert [r["condition"] for r in rows] == ["spinal_cancer"]
+
+
+def test_history_dropped_for_cancer_changes_the_score(tiny_engine):
+    cancer = load_condition("spinal_cancer")
+    kept = cancer.__class__(**{**cancer.__dict__, "drop_sections": ()})
+    dropped_score = Labeller(tiny_engine, [cancer]).label(TASKS[:1])[0]["score"]
+    kept_score = Labeller(tiny_engine, [kept]).label(TASKS[:1])[0]["score"]
+    assert dropped_score != pytest.approx(kept_score, abs=1e-6)
+
+
+def test_calibrated_labels_use_the_threshold(tiny_engine, conditions):
+    scores = Labeller(tiny_engine, conditions[:1]).label(TASKS)
+    middle = sorted(r["score"] for r in scores)[0] + 1e-9  # 'a' or 'b' falls each side
+    calibration = Calibration(
+        model=tiny_engine.model_id, method="direct",
+        prompt_hash=DEFAULT_TEMPLATE.template_hash("direct"),
+        definition_hashes={"spinal_cancer": conditions[0].definition_hash()},
+        entries=(ThresholdEntry("spinal_cancer", None, middle, 10, 5, 0.9, 0.1),),
+    )
+    rows = Labeller(tiny_engine, conditions[:1], calibration=calibration).label(TASKS)
+    assert sorted(r["label"] for r in rows) == [False, True]
+    assert all(r["threshold"] == middle and r["calibration_id"] == calibration.calibration_id
+               for r in rows)
+    assert all(r["uncertain"] is None for r in rows)  # this entry has no band
+
+
+def test_rows_inside_the_band_are_uncertain(tiny_engine, conditions):
+    low, high = sorted(r["score"] for r in Labeller(tiny_engine, conditions[:1]).label(TASKS))
+    calibration = Calibration(
+        model=tiny_engine.model_id, method="direct",
+        prompt_hash=DEFAULT_TEMPLATE.template_hash("direct"),
+        definition_hashes={"spinal_cancer": conditions[0].definition_hash()},
+        entries=(ThresholdEntry("spinal_cancer", None, high, 40, 20, 0.9, 0.1,
+                                band_low=low, band_high=high),),
+    )
+    rows = Labeller(tiny_engine, conditions[:1], calibration=calibration).label(TASKS)
+    flags = {r["score"]: r["uncertain"] for r in rows}
+    assert flags == {low: True, high: False}  # the band is [low, high)
+
+
+def test_prompt_variant_changes_scores_and_hash(tiny_engine, conditions):
+    variant = dataclasses.replace(DEFAULT_TEMPLATE, name="terse",
+                                  direct_question="Does the patient have {condition}{at_level}?")
+    paper = Labeller(tiny_engine, conditions[:1]).label(TASKS)
+    terse = Labeller(tiny_engine, conditions[:1], template=variant).label(TASKS)
+    assert {r["prompt_hash"] for r in terse} == {variant.template_hash("direct")}
+    assert terse[0]["prompt_hash"] != paper[0]["prompt_hash"]
+    assert [r["score"] for r in terse] != [r["score"] for r in paper]
+
+
+def test_calibration_for_another_model_is_refused(tiny_engine, conditions):
+    calibration = Calibration(
+        model="other-model", method="direct", prompt_hash=DEFAULT_TEMPLATE.template_hash("direct"),
+        definition_hashes={"spinal_cancer": conditions[0].definition_hash()},
+        entries=(ThresholdEntry("spinal_cancer", None, 0.5, 10, 5, 0.9, 0.1),),
+    )
+    with pytest.raises(CalibrationError, match="model"):
+        Labeller(tiny_engine, conditions[:1], calibration=calibration)
+
+
+def test_long_report_is_shortened_keeping_the_impression(tiny_model_dir, conditions):
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), max_context_tokens=400))
+    findings = " ".join(f"Finding number {i} is unremarkable." for i in range(200))
+    report = f"FINDINGS: {findings}\nIMPRESSION: Severe stenosis at L4-L5."
+    labeller = Labeller(engine, conditions[1:])
+    rows = labeller.label([ReportTask("long", report)])
+    assert all(r["truncated"] for r in rows) and len(rows) == 6
+    item = labeller._prepare("long", report, conditions[1])
+    assert item.report.endswith("IMPRESSION: Severe stenosis at L4-L5.")
+    assert labeller._fits(item.report, conditions[1])
+
+
+def test_unknown_method_is_refused(tiny_engine, conditions):
+    with pytest.raises(ValueError, match="method 'guess'"):
+        Labeller(tiny_engine, conditions, "guess")
