@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
 
 from ray_app.engines.base import (
     ChatFormatter,
@@ -61,9 +64,10 @@ class TransformersEngine(Engine):
 
     def _load_model(self):
         log.info("loading %s (%s, %s)", self.location.path, self.dtype, self.device)
-        model = AutoModelForCausalLM.from_pretrained(
-            self.location.folder, gguf_file=self.location.gguf_file, dtype=self.dtype
-        )
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                self.location.folder, gguf_file=self.location.gguf_file, dtype=self.dtype
+            )
         if self.config.adapter:
             from peft import PeftModel  # optional: only needed with an adapter
 
@@ -250,6 +254,24 @@ class TransformersEngine(Engine):
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers draws bars while it loads weights and de-quantizes a GGUF file (its own
+    tqdm, which its switch does not reach); from an engine actor Ray forwards them to the job's
+    console as ~180 separate lines. The "loading" log line says what happens."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+
+    bar, bars_on = gguf_loading.tqdm, hf_logging.is_progress_bar_enabled()
+    gguf_loading.tqdm = functools.partial(bar, disable=True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = bar
+        if bars_on:
+            hf_logging.enable_progress_bar()
 
 
 def _chunks_by_members(groups: list[list[int]], batch_size: int) -> list[list[list[int]]]:

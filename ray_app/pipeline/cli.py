@@ -29,6 +29,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ray_app.pipeline.ray_session import filter_native_stderr
+
 EXIT_FAILED = 1
 EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -215,6 +217,8 @@ def run_job(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
     args, debug = split_debug(sys.argv[1:] if argv is None else argv)
     if debug:
         os.environ["RAY_APP_DEBUG"] = "1"  # ray_session: Ray's own failure reports shown too
+    else:
+        filter_native_stderr()
     name = name or job_name(main)
     try:
         main(args)
