@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 
 from ray_app.imaging.embed_job import EmbedJobConfig, run_embed_job
-from ray_app.imaging.job_flags import config_from_args, parser_for
 from ray_app.pipeline.cli import run_job
+from ray_app.pipeline.config_cli import config_from_args, config_parser
 
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parser_for(EmbedJobConfig, __doc__.split("\n\n")[0]).parse_args(argv)
+    args = config_parser(EmbedJobConfig, __doc__.split("\n\n")[0]).parse_args(argv)
     logging.getLogger(__name__).info("%s", run_embed_job(config_from_args(EmbedJobConfig, args)))
 
 

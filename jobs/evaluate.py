@@ -29,6 +29,7 @@ from ray_app.evaluation.runs import (
     scored_rows,
     split_reports,
 )
+from ray_app.labelling.few_shot import drop_example_reports, recorded_examples
 from ray_app.pipeline.cli import run_job
 from ray_app.pipeline.report_tables import read_label_rows
 
@@ -67,6 +68,10 @@ def main(argv: list[str]) -> None:
     truth = load_truth(args.truth)
     if args.conditions:
         truth = truth[truth["condition"].isin(args.conditions)]
+    # Reports any run showed as few-shot examples are left out of both parts for every run:
+    # no threshold is chosen, and no metric measured, on them, and the runs share their reports.
+    truth = drop_example_reports(truth, recorded_examples(list(run_paths.values()),
+                                                          args.s3_endpoint), "the evaluation")
     calibrations = {n: Calibration.load(p) for n, p in calibration_paths.items()}
     runs = [Run(name, read_label_rows(path, args.s3_endpoint), calibrations.get(name))
             for name, path in run_paths.items()]

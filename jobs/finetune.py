@@ -4,43 +4,30 @@ impression. Locally or on a cluster:
     python jobs/finetune.py --config configs/finetune_summary.yaml
     ray job submit --working-dir . -- python jobs/finetune.py --config configs/finetune_summary.yaml
 
-Any config field can be overridden: `--set num_workers=2 max_steps=50`. Rerunning the same
-config after a kill resumes from the latest checkpoint.
+Any config field can be overridden by its flag (`--num-workers 2`) or with `--set
+num_workers=2 max_steps=50`. Rerunning the same config after a kill resumes from the latest
+checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-
-import yaml
 
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.ray_job import run_finetune
 from ray_app.pipeline.cli import run_job
+from ray_app.pipeline.config_cli import config_from_args, config_parser
 
 
 def build_config(argv: list[str]) -> FinetuneConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML of FinetuneConfig fields")
-    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                        help="override fields; values are read as YAML (2, 1e-4, [a, b], null)")
-    args = parser.parse_args(argv)
-    with open(args.config) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"{args.config}: expected a mapping of fine-tuning settings, got "
-                         f"{type(data).__name__}")
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
-        data[name] = yaml.safe_load(value)
+    parser = config_parser(FinetuneConfig, __doc__.split("\n\n")[0])
     try:
-        return FinetuneConfig.from_dict(data)
-    except (TypeError, ValueError) as err:  # missing or unknown fields, bad values
-        raise SystemExit(f"{args.config}: {err}") from err  # ray_app.pipeline.cli: one line, exit 2
+        return config_from_args(FinetuneConfig, parser.parse_args(argv),
+                                what="fine-tuning setting")
+    except ValueError as err:  # unknown fields, bad values (InputError is one)
+        # SystemExit("..."), as this job always refused its arguments: one line, exit 2
+        raise SystemExit(str(err)) from err
 
 
 def main(argv: list[str]) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ray_app.imaging.job_flags import config_from_args, parser_for
 from ray_app.imaging.phantoms import PhantomConfig, make_phantom_dataset
 from ray_app.pipeline.cli import InputError, run_job
+from ray_app.pipeline.config_cli import config_from_args, config_parser
 
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = parser_for(PhantomConfig, __doc__.split("\n\n")[0])
+    parser = config_parser(PhantomConfig, __doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="folder to write the dataset into")
     args = parser.parse_args(argv)
     try:

@@ -13,13 +13,13 @@ import logging
 
 from ray_app.imaging.cnn import CNNConfig
 from ray_app.imaging.cnn_train_job import run_cnn_training
-from ray_app.imaging.job_flags import config_from_args, parser_for
 from ray_app.pipeline.cli import run_job
+from ray_app.pipeline.config_cli import config_from_args, config_parser
 
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parser_for(CNNConfig, __doc__.split("\n\n")[0]).parse_args(argv)
+    args = config_parser(CNNConfig, __doc__.split("\n\n")[0]).parse_args(argv)
     history = run_cnn_training(config_from_args(CNNConfig, args))
     print(json.dumps(history, indent=2))
 

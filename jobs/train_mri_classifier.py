@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import logging
 
-from ray_app.imaging.job_flags import config_from_args, parser_for
 from ray_app.imaging.mri_training import TrainClassifierConfig, train_mri_classifier
 from ray_app.pipeline.cli import run_job
+from ray_app.pipeline.config_cli import config_from_args, config_parser
 
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parser_for(TrainClassifierConfig, __doc__.split("\n\n")[0]).parse_args(argv)
+    args = config_parser(TrainClassifierConfig, __doc__.split("\n\n")[0]).parse_args(argv)
     classifier = train_mri_classifier(config_from_args(TrainClassifierConfig, args))
     print(json.dumps({"threshold": classifier.threshold, "metrics": classifier.metrics}, indent=2))
 

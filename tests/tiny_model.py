@@ -63,8 +63,7 @@ def build_tiny_model(folder: Path, seed: int = 0, vocab_size: int = 600) -> Path
 
 def force_next_tokens(model, next_tokens, active=lambda: True):
     """A forward hook that makes `next_tokens(input_ids)` (same shape) win by 1e4 at every
-    position that has logits (drafts are checked at several positions per pass), while
-    `active()` says so. Returns the hook's handle."""
+    position that has logits, while `active()` says so. Returns the hook's handle."""
     import torch
 
     def hook(module, args, kwargs, output):

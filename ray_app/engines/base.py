@@ -7,12 +7,15 @@ the same scores through either (within numerical tolerance).
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from ray_app.labelling.prompts import Conversation
 from ray_app.labelling.scoring import AnswerTokens, answer_tokens
+
+log = logging.getLogger(__name__)
 
 # End-of-turn markers of common chat templates: generation stops at any of them.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
@@ -21,6 +24,13 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
 @dataclass
 class EngineConfig:
     """How to load and run the model. Every field can be set from the job's YAML or CLI."""
+
+    #: settings that are gone: configs, serve files and calibrations that still hold them load,
+    #: with a warning, and the value is ignored (ray_app.pipeline.config_cli honours it too)
+    RETIRED_SETTINGS: ClassVar[dict[str, str]] = {
+        "draft_tokens": "prompt-lookup drafts were removed: they never changed the output and "
+                        "made summaries slower where measured (2 CPU cores, SmolLM2)",
+    }
 
     engine: str = field(
         default="transformers",
@@ -56,14 +66,6 @@ class EngineConfig:
     repetition_penalty: float = field(
         default=1.0, metadata={"doc": "Summary decoding (greedy); the reference used 1.15."}
     )
-    draft_tokens: int = field(
-        default=0,
-        metadata={"doc": "transformers: tokens a summary row proposes per decoding step by "
-                  "looking up its latest words in its prompt (prompt-lookup decoding; the output "
-                  "is greedy's, token for token). Pays where checking 9 tokens costs about what 1 "
-                  "does (GPUs) and summaries copy the report; on 2 CPU cores with SmolLM2 (whose "
-                  "summaries copy little) 8 was 2x slower than 0, so 0 = one token per step."},
-    )
     cpu_threads: int | None = field(
         default=None, metadata={"doc": "torch threads on CPU; None = all cores of the process."}
     )
@@ -77,6 +79,11 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
+        retired = sorted(set(data) & set(cls.RETIRED_SETTINGS))
+        for name in retired:
+            log.warning("engine setting '%s' is no longer used and is ignored: %s", name,
+                        cls.RETIRED_SETTINGS[name])
+        data = {k: v for k, v in data.items() if k not in retired}
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

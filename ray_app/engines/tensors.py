@@ -37,3 +37,10 @@ def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding, as generate() computes them; without this, padded
     rows see shifted positions and score differently from unpadded ones."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def returned_cache(output):
+    """The KV cache a forward pass returned: `output.cache` from transformers 5.24 on (reading
+    the old `past_key_values` name warns), `past_key_values` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

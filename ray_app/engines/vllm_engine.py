@@ -79,6 +79,11 @@ class VLLMEngine(Engine):
             else None
         )
         self.llm: LLM | None = self._start()
+        # Prompt tokens sent, and of them those vLLM's prefix cache already held (report-first
+        # prompts share everything up to the report: one report's questions after the first
+        # hit the cache up to the last full KV block of that prefix).
+        self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
 
     @property
     def model_id(self) -> str:
@@ -143,9 +148,21 @@ class VLLMEngine(Engine):
             raise RuntimeError("engine is closed")
         # vLLM batches and schedules all prompts itself (continuous batching), so
         # config.batch_size does not apply; outputs come back in input order.
-        return self.llm.generate(
+        outputs = self.llm.generate(
             self._prompts(conversations), params, use_tqdm=False, lora_request=self.lora
         )
+        for output in outputs:
+            self.prompt_tokens += len(output.prompt_token_ids)
+            self.cached_prompt_tokens += output.num_cached_tokens or 0
+        return outputs
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether the running vLLM engine has prefix caching on (EngineConfig's
+        enable_prefix_caching, unless vLLM turned it off for this model or platform)."""
+        if self.llm is None:
+            raise RuntimeError("engine is closed")
+        return bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
 
     def count_tokens(self, conversation: Conversation) -> int:
         return self.formatter.count_tokens(conversation)

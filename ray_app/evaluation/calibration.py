@@ -1,4 +1,9 @@
-"""Equal-error-rate thresholds, stored per condition (and level) in a versioned JSON file.
+"""Thresholds, stored per condition (and level) in a versioned JSON file.
+
+The threshold comes from one of THRESHOLD_METHODS (recorded in the file with its parameters):
+the paper's equal-error-rate point of the calibration ROC (`eer`), or steadier estimates of it
+that transfer better from a calibration set with a handful of positives (see
+benchmarks/compare_thresholds.py for the measurement behind DEFAULT_THRESHOLD_METHOD).
 
 A calibration only holds for the model, prompt and definition it was made with: applying it to
 scores from anything else is refused, because thresholds sit near 0.9-0.99 where small shifts
@@ -17,16 +22,20 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import brentq
+from scipy.special import expit, logit, ndtr
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from ray_app.provenance import code_version, utc_now
 
+# Version 1 files have no uncertainty band. Format 2 gained threshold_method/threshold_params
+# later, as optional fields: a file without them was made by the paper's rule, `eer`.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 files have no uncertainty band
+READABLE_VERSIONS = (1, 2)
 DEFAULT_TARGET = 0.95
 
 
@@ -68,10 +77,18 @@ class Calibration:
     engine: str = ""
     created_at: str = field(default_factory=utc_now)
     code_version: str = field(default_factory=code_version)
+    threshold_method: str = "eer"  # files made before threshold methods existed are the paper's
+    threshold_params: dict = field(default_factory=dict)
 
     @property
     def calibration_id(self) -> str:
-        payload = json.dumps(self.to_dict(), sort_keys=True)
+        data = self.to_dict()
+        if self.threshold_method == "eer" and not self.threshold_params:
+            # The paper's rule keeps the id it had before threshold methods were recorded:
+            # output folders labelled with an older file still resume (label_job.check_resume
+            # compares calibration ids).
+            del data["threshold_method"], data["threshold_params"]
+        payload = json.dumps(data, sort_keys=True)
         return "cal-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def entry(self, condition: str, level: str | None) -> ThresholdEntry | None:
@@ -130,6 +147,12 @@ class Calibration:
             raise CalibrationError(f"{path}: incomplete or unknown fields: {err}") from err
 
 
+def _check_both_classes(y: np.ndarray) -> None:
+    if y.min(initial=1) == y.max(initial=0) or len(y) < 2:
+        raise CalibrationError(f"a threshold needs both positives and negatives (got "
+                               f"{int(y.sum())} positives of {len(y)})")
+
+
 def eer_threshold(labels: Sequence[int], scores: Sequence[float]) -> tuple[float, float]:
     """(threshold, eer): the ROC point where false-positive rate = false-negative rate.
 
@@ -138,17 +161,177 @@ def eer_threshold(labels: Sequence[int], scores: Sequence[float]) -> tuple[float
     """
     y = np.asarray(labels, dtype=int)
     s = np.asarray(scores, dtype=float)
-    if y.min(initial=1) == y.max(initial=0) or len(y) < 2:
-        raise CalibrationError(
-            f"an EER threshold needs both positives and negatives (got {int(y.sum())} positives "
-            f"of {len(y)})"
-        )
-    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    _check_both_classes(y)
+    thresholds, fpr, tpr = _roc_points(y, s)
     fnr = 1.0 - tpr
-    finite = np.isfinite(thresholds)  # roc_curve's first threshold is +inf (nothing positive)
-    gaps = np.where(finite, np.abs(fpr - fnr), np.inf)
-    best = int(np.argmin(gaps))
+    best = int(np.argmin(np.abs(fpr - fnr)))  # the first, i.e. highest, threshold of a tie
     return float(thresholds[best]), float((fpr[best] + fnr[best]) / 2)
+
+
+def _roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, fpr, tpr), thresholds falling, one per distinct score: scikit-learn's
+    roc_curve(drop_intermediate=False) less its +inf point, in the same arithmetic (so the same
+    floats), without its input checks that dominate the bootstrap's thousands of calls."""
+    order = np.argsort(s, kind="mergesort")[::-1]
+    ranked, hits = s[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    tps = np.cumsum(hits, dtype=float)[last_of_tie]
+    fps = 1 + last_of_tie - tps
+    return ranked[last_of_tie], fps / fps[-1], tps / tps[-1]
+
+
+# --- Threshold methods ----------------------------------------------------------------------------
+#
+# With a handful of calibration positives the empirical EER point jumps between neighbouring
+# scores, and its threshold is always one calibration score (often the lowest positive's), so a
+# new positive just below it is missed. The steadier methods below estimate the same operating
+# point from smoothed or fitted class distributions, or take the median over bootstrap
+# resamples. Smoothing and fitting work on the log-odds scale, logit(score): LLM scores pile up
+# near 1.0 (0.99, 0.999, 0.9999 are equally far apart there, and close together as
+# probabilities), and the classes look roughly normal on it.
+
+# Scores are float32 sigmoids, which cannot hold a probability closer to 0 or 1 than ~6e-8: an
+# engine's exact 1.0 is a saturated 0.99999994. Clipping there keeps log-odds finite (|z| <=
+# 16.1) without merging scores the engine told apart.
+LOGIT_CLIP = 1e-7
+Fit = Callable[[np.ndarray, np.ndarray, dict], float]
+
+
+@dataclass(frozen=True)
+class ThresholdMethod:
+    name: str
+    fit: Fit  # (labels, scores on the working scale, params) -> threshold on that scale
+    defaults: dict
+    doc: str
+    on_log_odds: bool  # works on logit(score); otherwise on the scores themselves (rank-based)
+
+
+def _eer(y: np.ndarray, s: np.ndarray, params: dict) -> float:
+    return eer_threshold(y, s)[0]
+
+
+def _youden(y: np.ndarray, s: np.ndarray, params: dict) -> float:
+    """Highest threshold maximising sensitivity + specificity - 1 on the calibration ROC."""
+    thresholds, fpr, tpr = _roc_points(y, s)
+    return float(thresholds[int(np.argmax(tpr - fpr))])
+
+
+def _bootstrap_eer(y: np.ndarray, s: np.ndarray, params: dict) -> float:
+    """Median EER threshold over class-stratified resamples (the lower median: always one of
+    the calibration scores, so full precision is kept)."""
+    rng = np.random.default_rng(params["seed"])
+    groups = [s[y == 0], s[y == 1]]
+    labels = np.repeat([0, 1], [len(g) for g in groups])
+    cuts = [eer_threshold(labels, np.concatenate([rng.choice(g, len(g)) for g in groups]))[0]
+            for _ in range(params["resamples"])]
+    return float(np.quantile(cuts, 0.5, method="inverted_cdf"))
+
+
+def _eer_midpoint(y: np.ndarray, z: np.ndarray, params: dict) -> float:
+    """The EER point's threshold moved halfway down to the next lower calibration score: every
+    threshold in that gap gives the same calibration ROC point, and its top edge is the score of
+    a calibration report itself."""
+    cut = eer_threshold(y, z)[0]
+    below = z[z < cut]
+    return float((cut + below.max()) / 2) if len(below) else cut
+
+
+def _spread(values: np.ndarray) -> float:
+    if len(values) < 2:
+        return 0.0
+    iqr = np.subtract(*np.percentile(values, [75, 25])) / 1.349
+    sd = float(np.std(values, ddof=1))
+    return min(sd, iqr) if iqr > 0 else sd
+
+
+def _class_spreads(groups: list[np.ndarray], scale: Callable[[np.ndarray], float]) -> list[float]:
+    """Each class's spread; a class too small or too tied to have one borrows the other's, and
+    when neither has one a small fraction of the whole range is used."""
+    spreads = [scale(g) for g in groups]
+    whole = np.concatenate(groups)
+    fallback = max(spreads) if max(spreads) > 0 else max(float(np.ptp(whole)) * 0.05, 1e-3)
+    return [v if v > 0 else fallback for v in spreads]
+
+
+def _eer_binormal(y: np.ndarray, z: np.ndarray, params: dict) -> float:
+    """EER of the ROC of two normal distributions fitted to the classes' log-odds: the point
+    where (t - mean1) / sd1 = (mean0 - t) / sd0."""
+    groups = [z[y == 0], z[y == 1]]
+    sd0, sd1 = _class_spreads(groups, lambda g: float(np.std(g, ddof=1)) if len(g) > 1 else 0.0)
+    mean0, mean1 = (float(np.mean(g)) for g in groups)
+    return (mean1 * sd0 + mean0 * sd1) / (sd0 + sd1)
+
+
+def _kernel_cdfs(y: np.ndarray, z: np.ndarray, params: dict):
+    """Gaussian-kernel smoothed CDFs of the two classes (Silverman's bandwidth per class,
+    times `bandwidth`), and a bracket that holds every crossing."""
+    groups = [z[y == 0], z[y == 1]]
+    widths = [params["bandwidth"] * 0.9 * v * len(g) ** -0.2
+              for g, v in zip(groups, _class_spreads(groups, _spread))]
+
+    def cdf(k: int, t: float) -> float:
+        return float(np.mean(ndtr((t - groups[k]) / widths[k])))
+
+    reach = 10 * max(widths)
+    return cdf, (float(z.min()) - reach, float(z.max()) + reach)
+
+
+def _eer_smoothed(y: np.ndarray, z: np.ndarray, params: dict) -> float:
+    """EER of the kernel-smoothed ROC: where 1 - F0(t) = F1(t). F0 + F1 - 1 rises from -1 to
+    1, so the crossing is unique."""
+    cdf, (low, high) = _kernel_cdfs(y, z, params)
+    return float(brentq(lambda t: cdf(0, t) + cdf(1, t) - 1.0, low, high, xtol=1e-10))
+
+
+THRESHOLD_METHODS: dict[str, ThresholdMethod] = {m.name: m for m in (
+    ThresholdMethod("eer", _eer, {}, "the paper's: the calibration ROC point where the "
+                    "false-positive and false-negative rates meet (a calibration score)", False),
+    ThresholdMethod("eer_midpoint", _eer_midpoint, {}, "the paper's EER point, its threshold "
+                    "halfway (in log-odds) down to the next lower calibration score", True),
+    ThresholdMethod("eer_smoothed", _eer_smoothed, {"bandwidth": 1.0}, "EER of the ROC of "
+                    "Gaussian-kernel smoothed class densities of the log-odds", True),
+    ThresholdMethod("eer_binormal", _eer_binormal, {}, "EER of the ROC of normal "
+                    "distributions fitted to each class's log-odds", True),
+    ThresholdMethod("bootstrap_eer", _bootstrap_eer, {"resamples": 201, "seed": 0},
+                    "median EER threshold over class-stratified bootstrap resamples", False),
+    ThresholdMethod("youden", _youden, {}, "the calibration ROC point with the largest "
+                    "sensitivity + specificity - 1 (a calibration score)", False),
+)}
+# The default of jobs/calibrate.py and build_calibration: the method that transferred best from
+# small calibration sets in benchmarks/compare_thresholds.py (README, "Threshold methods").
+DEFAULT_THRESHOLD_METHOD = "eer_binormal"
+
+
+def method_params(method: str, params: dict | None = None) -> dict:
+    """The method's parameters: its defaults with `params` over them; unknown names refused."""
+    if method not in THRESHOLD_METHODS:
+        raise CalibrationError(f"unknown threshold method {method!r}; choose one of "
+                               f"{sorted(THRESHOLD_METHODS)}")
+    defaults = THRESHOLD_METHODS[method].defaults
+    unknown = sorted(set(params or {}) - set(defaults))
+    if unknown:
+        raise CalibrationError(f"threshold method {method!r} takes no parameter(s) {unknown}; "
+                               f"its parameters: {sorted(defaults) or 'none'}")
+    return {**defaults, **(params or {})}
+
+
+def log_odds(scores: Sequence[float]) -> np.ndarray:
+    """logit(score), scores clipped to [LOGIT_CLIP, 1 - LOGIT_CLIP] so 0 and 1 stay finite."""
+    return logit(np.clip(np.asarray(scores, dtype=float), LOGIT_CLIP, 1.0 - LOGIT_CLIP))
+
+
+def fit_threshold(labels: Sequence[int], scores: Sequence[float], method: str = "eer",
+                  params: dict | None = None) -> float:
+    """The `method` threshold of these calibration scores, on the score scale (predict
+    `score >= threshold`). Log-odds methods work on logit(score) when every score is a
+    probability and on the scores themselves otherwise (a classifier's margins)."""
+    chosen, full = THRESHOLD_METHODS.get(method), method_params(method, params)
+    y = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=float)
+    _check_both_classes(y)
+    if not (chosen.on_log_odds and s.min() >= 0.0 and s.max() <= 1.0):
+        return float(chosen.fit(y, s, full))
+    return float(expit(chosen.fit(y, log_odds(s), full)))
 
 
 def band_thresholds(labels: Sequence[int], scores: Sequence[float], eer_cut: float,
@@ -190,8 +373,11 @@ def band_too_small(positives: int, negatives: int, target_sensitivity: float,
 def threshold_entry(
     condition: str, level: str | None, labels: Sequence[int], scores: Sequence[float],
     target_sensitivity: float = DEFAULT_TARGET, target_specificity: float = DEFAULT_TARGET,
+    method: str = DEFAULT_THRESHOLD_METHOD, params: dict | None = None,
 ) -> ThresholdEntry:
-    threshold, eer = eer_threshold(labels, scores)
+    """The `method` threshold with the calibration set's AUROC, empirical EER and band."""
+    eer = eer_threshold(labels, scores)[1]
+    threshold = fit_threshold(labels, scores, method, params)
     positives = int(np.sum(labels))
     note = band_too_small(positives, len(labels) - positives, target_sensitivity,
                           target_specificity)
@@ -270,8 +456,11 @@ def _differing(what: str, values: pd.Series, sources: pd.Series) -> list[str]:
 
 def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame,
                       target_sensitivity: float = DEFAULT_TARGET,
-                      target_specificity: float = DEFAULT_TARGET) -> Calibration:
-    """Thresholds for every (condition, level) of `labels` that `truth` covers with both classes.
+                      target_specificity: float = DEFAULT_TARGET,
+                      threshold_method: str = DEFAULT_THRESHOLD_METHOD,
+                      threshold_params: dict | None = None) -> Calibration:
+    """Thresholds (by `threshold_method`, one of THRESHOLD_METHODS) for every (condition, level)
+    of `labels` that `truth` covers with both classes.
 
     `labels`: rows of the labelling job (report_id, condition, level, score, model, method,
     prompt_hash, definition_hash, engine; optionally `source`), all made with one setup
@@ -279,13 +468,15 @@ def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame,
     the report-level question.
     """
     check_one_setup(labels)
+    params = method_params(threshold_method, threshold_params)
     joined = join_truth(labels, truth)
     entries = []
     for (condition, level), group in joined.groupby(["condition", "level"], sort=True):
         if group["label"].nunique() < 2:
             continue  # one class only: no ROC curve; the level stays uncalibrated
         entries.append(threshold_entry(condition, level or None, group["label"].astype(int),
-                                       group["score"], target_sensitivity, target_specificity))
+                                       group["score"], target_sensitivity, target_specificity,
+                                       threshold_method, params))
     if not entries:
         raise CalibrationError("no (condition, level) has both positive and negative labels")
     setup = labels.iloc[0]
@@ -294,13 +485,18 @@ def build_calibration(labels: pd.DataFrame, truth: pd.DataFrame,
         model=setup["model"], method=setup["method"], prompt_hash=setup["prompt_hash"],
         definition_hashes={str(k): str(v) for k, v in definitions.items()},
         entries=tuple(entries), engine=str(labels["engine"].iloc[0]),
+        threshold_method=threshold_method, threshold_params=params,
     )
 
 
 def describe(calibration: Calibration) -> str:
     """A table of the entries for logs and terminals."""
+    params = ", ".join(f"{k}={v}" for k, v in sorted(calibration.threshold_params.items()))
+    method = THRESHOLD_METHODS.get(calibration.threshold_method)
+    thresholds = (f"thresholds: {calibration.threshold_method}"
+                  + (f" ({params})" if params else "") + (f": {method.doc}" if method else ""))
     lines = [f"calibration {calibration.calibration_id}: model {calibration.model}, method "
-             f"{calibration.method}, prompt {calibration.prompt_hash}",
+             f"{calibration.method}, prompt {calibration.prompt_hash}", thresholds,
              f"{'condition':24} {'level':6} {'n':>5} {'pos':>4} {'AUROC':>6} {'EER':>6} "
              f"{'threshold':>18}  band"]
     for e in calibration.entries:

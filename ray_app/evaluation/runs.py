@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from ray_app.evaluation.calibration import (
     Calibration,
     CalibrationError,
-    eer_threshold,
+    fit_threshold,
     join_truth,
 )
 from ray_app.evaluation.metrics import METRICS, binary_metrics, bootstrap_intervals
@@ -31,6 +31,10 @@ class EvaluationConfig:
     seed: int = field(default=0, metadata={"doc": "Seed of the split and of the bootstrap."})
     bootstrap: int = field(default=1000, metadata={"doc": "Bootstrap resamples per metric."})
     confidence: float = field(default=0.95, metadata={"doc": "Width of the intervals."})
+    threshold_method: str = field(default="eer", metadata={
+        "doc": "How each run's threshold is chosen on the calibration part (one of "
+               "calibration.THRESHOLD_METHODS; eer is the paper's, jobs/calibrate.py's default "
+               "is calibration.DEFAULT_THRESHOLD_METHOD)."})
 
 
 @dataclass
@@ -81,7 +85,8 @@ def evaluate_runs(runs: list[Run], truth: pd.DataFrame, cfg: EvaluationConfig) -
             raise CalibrationError(f"run {run.name!r} shares no (report, condition, level) with "
                                    "the hand labels: check report ids and condition names")
         for (condition, level), group in joined.groupby(["condition", "level"], sort=True):
-            threshold, source = _threshold(run, condition, level, group, calibration_ids)
+            threshold, source = _threshold(run, condition, level, group, calibration_ids,
+                                           cfg.threshold_method)
             held_out = group[group["report_id"].isin(evaluation_ids)]
             if threshold is None:  # listed with the reason, not silently left out
                 rows.append(_unevaluated_row(run.name, condition, level, held_out, source))
@@ -104,7 +109,7 @@ def _unevaluated_row(run: str, condition: str, level: str, rows: pd.DataFrame,
 
 
 def _threshold(run: Run, condition: str, level: str, group: pd.DataFrame,
-               calibration_ids: set) -> tuple[float | None, str]:
+               calibration_ids: set, method: str = "eer") -> tuple[float | None, str]:
     if run.calibration is not None:
         entry = run.calibration.entry(condition, level or None)
         if entry is None:
@@ -116,8 +121,9 @@ def _threshold(run: Run, condition: str, level: str, group: pd.DataFrame,
         return None, (f"the calibration part ({len(part)} reports) has {counts.get(1, 0)} "
                       f"positives and {counts.get(0, 0)} negatives, so no EER threshold: label "
                       "more reports, raise --calibration-fraction or give --calibration")
-    return eer_threshold(part["label"].astype(int), part["score"])[0], \
-        f"EER on {len(part)} calibration reports"
+    name = "EER" if method == "eer" else method
+    return fit_threshold(part["label"].astype(int), part["score"], method), \
+        f"{name} on {len(part)} calibration reports"
 
 
 def _metrics_row(run: str, condition: str, level: str, rows: pd.DataFrame, threshold: float,

@@ -3,8 +3,10 @@ values as defaults (the MICCAI 2024 paper's summary fine-tuning: r 16, alpha 8).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
+
+from ray_app.pipeline.config_cli import from_mapping
 
 MODES = ("summary", "labeller", "impression")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,20 +110,6 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown fine-tuning setting(s) {sorted(unknown)}; "
-                             f"known: {sorted(known)}")
-        types = {f.name: str(f.type) for f in fields(cls)}
-        return cls(**{name: _number(name, value, types[name]) for name, value in data.items()})
-
-
-def _number(name: str, value: Any, kind: str) -> Any:
-    """YAML reads `3e-4` (no dot) as a string: a float field takes it as the number it is."""
-    if kind.startswith("float") and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-    return value
+        """From a mapping of fields (a YAML's, a worker's copy), typed and checked like the
+        job's --config (ray_app.pipeline.config_cli): `3e-4` read as text is a number."""
+        return from_mapping(cls, data, "fine-tuning config", what="fine-tuning setting")

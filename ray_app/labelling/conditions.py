@@ -19,8 +19,10 @@ from ray_app.labelling.sections import SECTION_KINDS
 
 _BUILTIN_PACKAGE = "ray_app.labelling.condition_specs"
 _ALLOWED_KEYS = {"name", "display_name", "definition", "levels", "drop_sections", "few_shot",
-                 "synonyms"}
+                 "few_shot_k", "synonyms"}
 _ANSWERS = ("yes", "no")
+AUTO = "auto"  # `few_shot: auto`: examples picked per report from an example pool (few_shot.py)
+DEFAULT_FEW_SHOT_K = 4
 
 
 class ConditionError(ValueError):
@@ -51,6 +53,12 @@ class Condition:
     few_shot: tuple[FewShotExample, ...] = field(
         default=(), metadata={"doc": "Optional worked examples (off by default in the method)."}
     )
+    few_shot_k: int = field(default=0, metadata={
+        "doc": "With `few_shot: auto`: examples picked per report from the example pool, half "
+               "of each answer (after any hand-written ones); 0: none picked."})
+    few_shot_pool: str = field(default="", metadata={
+        "doc": "Identity of the example pool the picked examples come from; set by the job "
+               "that loads the pool (ray_app.labelling.few_shot.bind_pool), not in the YAML."})
     synonyms: tuple[str, ...] = field(
         default=(), metadata={"doc": "Phrases the rule baseline looks for; not shown to the LLM."}
     )
@@ -59,18 +67,22 @@ class Condition:
     def prompt_name(self) -> str:
         return self.display_name or self.name.replace("_", " ")
 
+    @property
+    def few_shot_auto(self) -> bool:
+        return self.few_shot_k > 0
+
     def definition_hash(self) -> str:
         """Hash of everything in the spec that changes what the model is asked."""
-        payload = json.dumps(
-            {
-                "display_name": self.prompt_name,
-                "definition": self.definition,
-                "levels": list(self.levels),
-                "drop_sections": sorted(self.drop_sections),
-                "few_shot": [[e.report, e.answer] for e in self.few_shot],
-            },
-            sort_keys=True,
-        )
+        fields = {
+            "display_name": self.prompt_name,
+            "definition": self.definition,
+            "levels": list(self.levels),
+            "drop_sections": sorted(self.drop_sections),
+            "few_shot": [[e.report, e.answer] for e in self.few_shot],
+        }
+        if self.few_shot_auto:  # only then: every other condition keeps its hash
+            fields["few_shot_auto"] = {"k": self.few_shot_k, "pool": self.few_shot_pool}
+        payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -94,13 +106,15 @@ def condition_from_dict(data: dict, source: str) -> Condition:
         raise ConditionError(
             f"{source}: drop_sections {bad} are not section kinds; use some of {list(SECTION_KINDS)}"
         )
+    examples, auto = _few_shot(data.get("few_shot") or [], source)
     return Condition(
         name=name,
         definition=definition,
         display_name=str(data.get("display_name") or ""),
         levels=tuple(levels),
         drop_sections=tuple(drops),
-        few_shot=tuple(_few_shot(data.get("few_shot") or [], source)),
+        few_shot=tuple(examples),
+        few_shot_k=_few_shot_k(data, auto, source),
         synonyms=tuple(_text_list(data.get("synonyms") or [], "synonyms", source)),
     )
 
@@ -127,11 +141,26 @@ def _text_list(value: object, key: str, source: str) -> list[str]:
     return [v.strip() for v in value]
 
 
-def _few_shot(value: object, source: str) -> list[FewShotExample]:
+def _is_auto(item: object) -> bool:
+    return isinstance(item, str) and item.strip().lower() == AUTO
+
+
+def _few_shot(value: object, source: str) -> tuple[list[FewShotExample], bool]:
+    """Hand-written examples, and whether examples are also picked per report: `few_shot: auto`,
+    or `auto` as one item of the list (after the hand-written ones)."""
+    if _is_auto(value):
+        return [], True
     if not isinstance(value, list):
-        raise ConditionError(f"{source}: 'few_shot' must be a list of {{report, answer}}")
+        raise ConditionError(f"{source}: 'few_shot' must be a list of {{report, answer}} "
+                             f"(optionally with one 'auto' item) or 'auto', got {value!r}")
+    autos = [i for i, item in enumerate(value) if _is_auto(item)]
+    if len(autos) > 1:
+        raise ConditionError(f"{source}: 'few_shot' lists 'auto' {len(autos)} times; once is "
+                             "enough (set how many examples with few_shot_k)")
     examples = []
     for i, item in enumerate(value):
+        if i in autos:
+            continue
         if not isinstance(item, dict) or set(item) != {"report", "answer"}:
             raise ConditionError(f"{source}: few_shot[{i}] must have exactly 'report' and 'answer'")
         raw = item["answer"]
@@ -140,7 +169,20 @@ def _few_shot(value: object, source: str) -> list[FewShotExample]:
         if answer not in _ANSWERS:
             raise ConditionError(f"{source}: few_shot[{i}].answer must be 'yes' or 'no'")
         examples.append(FewShotExample(report=str(item["report"]), answer=answer))
-    return examples
+    return examples, bool(autos)
+
+
+def _few_shot_k(data: dict, auto: bool, source: str) -> int:
+    if "few_shot_k" not in data:
+        return DEFAULT_FEW_SHOT_K if auto else 0
+    k = data["few_shot_k"]
+    if not auto:
+        raise ConditionError(f"{source}: 'few_shot_k' is only used with 'few_shot: auto'; add "
+                             "few_shot: auto or remove few_shot_k")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2:
+        raise ConditionError(f"{source}: 'few_shot_k' must be an even whole number of at least "
+                             f"2 (half 'yes' examples, half 'no'), got {k!r}")
+    return k
 
 
 def builtin_condition_names() -> list[str]:

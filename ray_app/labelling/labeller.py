@@ -12,7 +12,8 @@ from typing import Any, Sequence
 from ray_app.engines.base import Engine
 from ray_app.evaluation.calibration import Calibration
 from ray_app.labelling import prompts
-from ray_app.labelling.conditions import Condition
+from ray_app.labelling.conditions import Condition, FewShotExample
+from ray_app.labelling.few_shot import ExamplePool, FewShotError, bind_pool, pool_users
 from ray_app.labelling.prompts import DEFAULT_TEMPLATE, Conversation, PromptTemplate
 from ray_app.labelling.sections import drop_sections, shorten_report
 from ray_app.pipeline.report_tables import LABEL_SCHEMA
@@ -42,6 +43,7 @@ class _Item:
     report: str
     truncated: bool
     summary: str | None = None
+    examples: tuple[FewShotExample, ...] = ()  # picked for this report (few_shot: auto)
 
 
 class Labeller:
@@ -53,12 +55,23 @@ class Labeller:
         template: PromptTemplate = DEFAULT_TEMPLATE,
         calibration: Calibration | None = None,
         calibrate_every_condition: bool = True,
+        few_shot_pool: ExamplePool | None = None,
     ):
         """`calibrate_every_condition=False` lets conditions the calibration lacks through with
         scores only (the endpoint refuses them per request instead); a calibration made for
-        another model, prompt or definition is refused either way."""
+        another model, prompt or definition is refused either way. `few_shot_pool` is where
+        conditions with `few_shot: auto` take their examples from (required for them with the
+        direct method); its identity becomes part of their definition hash."""
         if method not in prompts.METHODS:
             raise ValueError(f"method {method!r} is not one of {prompts.METHODS}")
+        needs_pool = pool_users(conditions, method)
+        if needs_pool and few_shot_pool is None:
+            raise FewShotError(f"condition(s) {needs_pool} ask for 'few_shot: auto' but no "
+                               "example pool was given (few_shot_pool and few_shot_truth)")
+        self.pool = few_shot_pool if needs_pool else None
+        if self.pool is not None:
+            self.pool.check(conditions)
+            conditions = bind_pool(conditions, self.pool)
         self.engine = engine
         self.conditions = {c.name: c for c in conditions}
         self.method = method
@@ -86,16 +99,39 @@ class Labeller:
 
     def _prepare(self, report_id: str, text: str, condition: Condition) -> _Item:
         report = drop_sections(text, condition.drop_sections)
-        shortened = shorten_report(report, lambda r: self._fits(r, condition))
+        examples = self._examples(report_id, report, condition)
+        shortened = shorten_report(report, lambda r: self._fits(r, condition, examples))
         if shortened != report:
             log.warning("report %s shortened to fit %d tokens (%s)", report_id,
                         self.engine.config.max_context_tokens, condition.name)
-        return _Item(report_id, condition, shortened, truncated=shortened != report)
+        return _Item(report_id, condition, shortened, truncated=shortened != report,
+                     examples=examples)
 
-    def _fits(self, report: str, condition: Condition) -> bool:
-        """Does the longest prompt for this report fit the context, answer/summary included?"""
+    def _examples(self, report_id: str, report: str,
+                  condition: Condition) -> tuple[FewShotExample, ...]:
+        """The pool's examples for this report, as many as fit beside the whole report: the
+        least similar pair goes first (the report itself is shortened only without them)."""
+        if self.pool is None or not condition.few_shot_auto:
+            return ()
+        picked = list(self.pool.nearest(condition, report_id, report))
+        examples = list(picked)
+        while examples and not self._fits(report, condition, tuple(examples)):
+            for answer in ("yes", "no"):  # examples are ordered least similar first
+                first = next((e for e in examples if e.answer == answer), None)
+                if first is not None:
+                    examples.remove(first)
+        if len(examples) < len(picked):
+            log.warning("report %s: %d of %d few-shot examples left out to fit %d tokens (%s)",
+                        report_id, len(picked) - len(examples), len(picked),
+                        self.engine.config.max_context_tokens, condition.name)
+        return tuple(examples)
+
+    def _fits(self, report: str, condition: Condition,
+              examples: tuple[FewShotExample, ...] = ()) -> bool:
+        """Does the longest prompt for this report fit the context, answer/summary and any
+        picked few-shot examples included?"""
         longest_level = max(prompts.question_levels(condition), key=lambda lv: len(lv or ""))
-        item = _Item("", condition, report, False)
+        item = _Item("", condition, report, False, examples=examples)
         reserve = 1 + (self.engine.config.max_new_tokens if self.method == "summary" else 0)
         tokens = self.engine.count_tokens(self._question(item, longest_level))
         return tokens + reserve <= self.engine.config.max_context_tokens
@@ -121,7 +157,9 @@ class Labeller:
             return prompts.summary_question_conversation(
                 self.template, item.condition, item.report, summary, level
             )
-        return prompts.direct_conversation(self.template, item.condition, item.report, level)
+        examples = (*item.condition.few_shot, *item.examples) if item.examples else None
+        return prompts.direct_conversation(self.template, item.condition, item.report, level,
+                                           examples=examples)
 
     def _row(self, item: _Item, level: str | None, score: float, stamp: str) -> dict[str, Any]:
         entry = self.calibration.entry(item.condition.name, level) if self.calibration else None

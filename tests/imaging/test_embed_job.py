@@ -159,13 +159,14 @@ def test_the_job_refuses_random_weights_unless_asked(few_phantoms, tmp_path, mon
 
 
 def test_cli_flags_build_the_config():
-    from ray_app.imaging.job_flags import config_from_args, parser_for
+    from ray_app.pipeline.config_cli import config_from_args, config_parser
 
-    args = parser_for(EmbedJobConfig, "x").parse_args(
+    args = config_parser(EmbedJobConfig, "x").parse_args(
         ["--dicom", "s3://b/mri", "--locations", "l.csv", "--output", "o", "--crop-shape", "9", "64",
          "128", "--allow-random-weights", "--target-spacing-mm", "0.5"])
     cfg = config_from_args(EmbedJobConfig, args)
     assert cfg.crop_shape == (9, 64, 128) and cfg.allow_random_weights is True
     assert cfg.target_spacing_mm == 0.5 and cfg.weights is None and cfg.image_size == 224
+    only_dicom = config_parser(EmbedJobConfig, "x").parse_args(["--dicom", "d"])
     with pytest.raises(SystemExit):
-        parser_for(EmbedJobConfig, "x").parse_args(["--dicom", "d"])
+        config_from_args(EmbedJobConfig, only_dicom)

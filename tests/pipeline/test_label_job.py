@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -611,3 +612,28 @@ def test_a_batch_run_twice_writes_its_rows_once(tmp_path):
     assert _errors(cfg.output)["report_id"].tolist() == ["spine-dup"]
     actor(batch.iloc[:2])  # another batch: another file
     assert len(list((tmp_path / "out" / "labels").glob("part-*.parquet"))) == 2
+
+
+@pytest.mark.timeout(240)
+def test_one_small_csv_is_shared_by_every_engine_batch_by_batch(tmp_path, caplog):
+    """A single CSV reads as one block; the job cuts it into batches so that every engine actor
+    gets work and each batch's result (and the progress line) comes when that batch is done."""
+    reports = tmp_path / "reports.csv"
+    pd.DataFrame(_good_rows() * 1).to_csv(reports, index=False)
+    record = tmp_path / "where"
+    cfg = LabelJobConfig(
+        input=str(reports), output=str(tmp_path / "out"), conditions=["spinal_cancer"],
+        reports_per_batch=2, min_actors=2, max_actors=2, cpus_per_actor=0.5,
+        progress_every_s=0.0,
+        engine=EngineConfig(engine="fault_engines:RecordingEngine", model="m",
+                            engine_kwargs={"record_dir": str(record), "seconds_per_call": 0.3}))
+    with caplog.at_level(logging.INFO, logger="ray_app.pipeline.progress"):
+        summary = run_label_job(cfg)
+    assert summary.reports_labelled == len(GOOD_IDS)
+    batches = -(-len(GOOD_IDS) // 2)
+    lines = [r for r in caplog.records if r.name == "ray_app.pipeline.progress"]
+    assert len(lines) >= batches - 1  # one line per finished batch (the last may be the summary)
+    calls = {p.stem: p.read_text().split() for p in record.glob("*.calls")}
+    assert len(calls) == 2 and all(calls.values())  # both engines scored
+    sizes = [int(n) for c in calls.values() for n in c]  # questions per call: one a report
+    assert sum(sizes) == len(GOOD_IDS) and max(sizes) <= 2  # batches of at most 2 reports

@@ -1,18 +1,14 @@
-"""Batched greedy decoding, optionally with prompt-lookup drafts (plain torch, no Ray).
+"""Batched greedy decoding that leaves a KV cache the caller can keep using (plain torch, no
+Ray).
 
 Our own loop rather than transformers' `generate` (measured the same speed on CPU) because it
 leaves a KV cache whose every row says which columns hold which of its tokens: the labeller
-scores its follow-up questions on it (see TransformersEngine.generate_then_score).
+scores its follow-up questions on it (see TransformersEngine.generate_then_score). The tokens
+are greedy `generate`'s, repetition penalty included.
 
-Drafts: each step, every row may propose the tokens that followed the latest earlier occurrence
-of its last n-gram in its own prompt and output (no draft model), and one forward pass checks
-the proposal: the row keeps the drafted tokens up to the first one greedy decoding would not
-have chosen, plus greedy's own choice there. The output is greedy decoding's, token for token
-(repetition penalty included); only the number of forward passes changes. It pays when a
-summary copies the report and checking several tokens costs about what one does (GPUs).
-
-Rows of a batch keep different numbers of tokens per step, so the KV cache gets holes: columns
-of rejected drafts (and of rows already finished) stay in the cache, masked out.
+Rows of a batch end at different steps, and callers may drop a row's newest tokens, so the KV
+cache gets holes: columns of rows already finished (and of dropped tokens) stay in the cache,
+masked out.
 """
 
 from __future__ import annotations
@@ -29,12 +25,10 @@ Forward = Callable[..., Any]  # (input_ids, mask, positions, cache=None, logits_
 
 
 @dataclass
-class LookupConfig:
+class DecodeConfig:
     max_new_tokens: int
     stop_ids: Sequence[int]
     repetition_penalty: float = 1.0
-    draft_tokens: int = 0  # proposed per row per step; 0 = plain greedy, one token per pass
-    ngram: int = 3  # longest n-gram matched; shorter ones are tried when it has no match
 
 
 @dataclass
@@ -67,7 +61,7 @@ class DecodedBatch:
         return logits
 
     def drop_newest(self, row: int, count: int) -> None:
-        """Forget the row's `count` newest tokens (rejected drafts): their columns are masked."""
+        """Forget the row's `count` newest tokens: their columns are masked."""
         if count:
             self.mask[row, self.columns[row][-count:]] = 0
             del self.columns[row][-count:], self.tokens[row][-count:]
@@ -84,23 +78,11 @@ def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
     return out
 
 
-def propose(context: list[int], ngram: int, count: int) -> list[int]:
-    """Up to `count` tokens that followed the latest earlier occurrence of the context's last
-    n-gram (longest n first); none when no n-gram down to 1 token recurs."""
-    for n in range(min(ngram, len(context) - 1), 0, -1):
-        tail = context[-n:]
-        for start in range(len(context) - n - 1, -1, -1):
-            if context[start : start + n] == tail:
-                return context[start + n : start + n + count]
-    return []
-
-
 class _Row:
-    """One sequence's greedy choices: everything it has chosen, for drafts and the penalty."""
+    """One sequence's greedy choices, and the tokens it has seen (for the penalty)."""
 
-    def __init__(self, prompt: list[int], cfg: LookupConfig):
+    def __init__(self, prompt: list[int], cfg: DecodeConfig):
         self.cfg = cfg
-        self.context = list(prompt)
         self.new: list[int] = []
         self.seen = set(prompt)
         self.done = False
@@ -112,54 +94,34 @@ class _Row:
             seen = torch.tensor(sorted(self.seen), dtype=torch.long, device=logits.device)
             logits = penalise(logits.float(), seen, self.cfg.repetition_penalty)
         token = int(logits.argmax())
-        self.context.append(token)
         self.new.append(token)
         self.seen.add(token)
         self.done = token in self.cfg.stop_ids or len(self.new) >= self.cfg.max_new_tokens
         return token
 
-    def feed(self, pending: int) -> list[int]:
-        """What to run next: greedy's pending token, then the drafted tokens after it."""
-        if self.done:
-            return []
-        budget = min(self.cfg.draft_tokens, self.cfg.max_new_tokens - len(self.new))
-        return [pending] + propose(self.context, self.cfg.ngram, budget)
-
-    def verify(self, feed: list[int], logits: torch.Tensor) -> tuple[int, int]:
-        """Choose after each fed token while greedy agrees with the draft. Returns how many fed
-        tokens to keep and greedy's next token (not fed yet)."""
-        kept, token = 1, -1  # feed[0] is greedy's own choice
-        while not self.done:
-            token = self.choose(logits[kept - 1])
-            if kept == len(feed) or token != feed[kept] or self.done:
-                kept += int(kept < len(feed) and token == feed[kept])
-                break
-            kept += 1
-        return kept, token
-
 
 @torch.inference_mode()
-def lookup_decode(forward: Forward, prompts: list[list[int]], pad_id: int, cfg: LookupConfig,
+def greedy_decode(forward: Forward, prompts: list[list[int]], pad_id: int, cfg: DecodeConfig,
                   device: torch.device, prefill_rows: int | None = None,
                   new_cache: Callable[[], Any] | None = None) -> DecodedBatch:
-    """Greedy continuations of `prompts` (token ids), decoded as one batch, with prompt-lookup
-    drafts. The prompts are run in chunks of `prefill_rows` consecutive prompts (pass them
-    sorted by length): prefill is compute-bound, so small chunks cost nothing and waste little
-    on left padding, while decoding gains from a wide batch (2 CPU cores, SmolLM2: 10.1 ms per
-    row and step at 8 rows, 6.1 at 16, 5.4 at 32). `new_cache` makes the empty KV cache the
-    chunks are merged into (the model's DynamicCache)."""
+    """Greedy continuations of `prompts` (token ids), decoded as one batch, one token per row
+    per forward pass. The prompts are run in chunks of `prefill_rows` consecutive prompts (pass
+    them sorted by length): prefill is compute-bound, so small chunks cost nothing and waste
+    little on left padding, while decoding gains from a wide batch (2 CPU cores, SmolLM2: 10.1
+    ms per row and step at 8 rows, 6.1 at 16, 5.4 at 32). `new_cache` makes the empty KV cache
+    the chunks are merged into (the model's DynamicCache)."""
     batch, last_logits = _prefill(forward, prompts, pad_id, device, prefill_rows or len(prompts),
                                   new_cache)
     rows = [_Row(p, cfg) for p in prompts]
     batch.new_tokens = [row.new for row in rows]
     pending = [row.choose(last_logits[r]) for r, row in enumerate(rows)]
     while not all(row.done for row in rows):
-        feeds = [row.feed(pending[r]) for r, row in enumerate(rows)]
-        logits = batch.feed(forward, feeds, pad_id)
-        for r, (row, fed) in enumerate(zip(rows, feeds)):
-            if fed:
-                kept, pending[r] = row.verify(fed, logits[r])
-                batch.drop_newest(r, len(fed) - kept)
+        # a finished row feeds nothing: its new column is masked out
+        feeds = [[] if row.done else [pending[r]] for r, row in enumerate(rows)]
+        logits = batch.feed(forward, feeds, pad_id, logits_to_keep=1)
+        for r, row in enumerate(rows):
+            if feeds[r]:
+                pending[r] = row.choose(logits[r, -1])
     return batch
 
 

@@ -1,0 +1,202 @@
+"""Cost of labelling k conditions per report: the paper's wording against report-first, in one run.
+
+The paper's wording names the condition in the system message, before the report, so no two
+conditions of a report share a prefix and k conditions cost k full prompts. The `report_first`
+variant puts the role and the report first and the definition and question after, so the
+transformers engine computes everything up to the report once per report (shared-prefix groups)
+and runs only each condition's definition and question on a copy of its KV cache.
+
+    python benchmarks/bench_conditions.py --model smollm2-135m-instruct --reports 24
+    python benchmarks/bench_conditions.py --model qwen2.5-coder-1.5b-instruct --dtype bfloat16 \
+        --reports 6
+
+Same engine (one loaded model), same reports, direct method; k = 1, 4 and 9 chest conditions
+(the 5 built-in chest YAMLs and 4 more written here). Reports: the Open-i development CSV
+(`../shared/data/openi/reports_dev.csv`, findings + impression) when present, else the package's
+sample spine reports. Prints seconds per report, the ratio to k = 1 for each wording, the tokens
+each forward pass computed per report, and the time spent on shared prefixes and on suffixes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ray_app.engines import EngineConfig
+from ray_app.engines.transformers_engine import (
+    TransformersEngine,
+    _common_prefix_len,
+    shared_prefix_groups,
+)
+from ray_app.labelling.conditions import load_conditions
+from ray_app.labelling.labeller import Labeller, ReportTask
+from ray_app.labelling.prompts import BUILTIN_TEMPLATES, PromptTemplate
+from ray_app.pipeline.embedded_default import sample_file
+
+log = logging.getLogger("bench_conditions")
+
+OPENI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "openi" / "reports_dev.csv"
+CHEST = ["atelectasis", "cardiomegaly", "fracture", "pleural_effusion", "pneumothorax"]
+# Four more chest findings, written the way the built-in specs are (one sentence, what counts
+# and what does not), as user YAML files.
+EXTRA = {
+    "pneumonia": "Pneumonia is an infection of the lung seen as airspace opacity or "
+                 "consolidation attributed to infection, including a suspected or developing "
+                 "pneumonia; atelectasis or scarring alone does not count.",
+    "pulmonary_edema": "Pulmonary edema is fluid in the lung interstitium or airspaces, including "
+                       "interstitial edema, vascular congestion with Kerley lines and alveolar "
+                       "edema; vascular prominence alone does not count.",
+    "lung_nodule": "A lung nodule is a rounded opacity in the lung of up to 3 cm, solid or "
+                   "subsolid, including a calcified granuloma; a nipple shadow or an opacity "
+                   "explained as overlying tissue does not count.",
+    "emphysema": "Emphysema is destruction of alveolar walls with hyperinflated lungs, including "
+                 "flattened hemidiaphragms described as chronic obstructive pulmonary disease; "
+                 "a low lung volume or normal inflation does not count.",
+}
+KS = (1, 4, 9)
+WORDINGS = ("paper", "report_first")
+
+
+def write_extra_conditions(folder: Path) -> list[str]:
+    paths = []
+    for name, definition in EXTRA.items():
+        path = folder / f"{name}.yaml"
+        path.write_text(f"name: {name}\ndefinition: >-\n  {definition}\ndrop_sections: [history]\n")
+        paths.append(str(path))
+    return paths
+
+
+def load_reports(n: int, seed: int, data: Path) -> tuple[list[ReportTask], str]:
+    if data.is_file():
+        frame = pd.read_csv(data, dtype=str).fillna("")
+        frame = frame[(frame["findings"].str.strip() != "") | (frame["impression"].str.strip() != "")]
+        frame = frame.sample(n=min(n, len(frame)), random_state=seed)
+        texts = [f"FINDINGS: {f}\nIMPRESSION: {i}" for f, i in zip(frame["findings"], frame["impression"])]
+        return [ReportTask(f"openi-{uid}", t) for uid, t in zip(frame["uid"], texts)], str(data)
+    texts = pd.read_csv(sample_file("spine_reports.csv"), dtype=str)["text"].tolist()
+    picked = pd.Series(texts).sample(n=n, replace=n > len(texts), random_state=seed).tolist()
+    return [ReportTask(f"r{i}", t) for i, t in enumerate(picked)], "sample spine reports"
+
+
+@dataclass
+class Timers:
+    """Seconds spent per scoring path, patched around the engine's methods."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: {"plain": 0.0, "shared": 0.0,
+                                                              "suffix": 0.0})
+
+    def wrap(self, engine: TransformersEngine) -> None:
+        for method, key in (("_score_padded", "plain"), ("_score_shared", "shared"),
+                            ("_score_suffixes", "suffix")):
+            setattr(engine, method, self._timed(getattr(engine, method), key))
+
+    def _timed(self, fn, key):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+        return run
+
+    def reset(self) -> None:
+        for key in self.seconds:
+            self.seconds[key] = 0.0
+
+
+def computed_tokens(engine: TransformersEngine, labeller: Labeller,
+                    tasks: list[ReportTask]) -> tuple[int, int, int]:
+    """(prompt tokens, tokens the engine runs, of them in shared prefixes) for these tasks,
+    grouped as the engine groups them."""
+    conversations = [labeller._question(item, level)
+                     for item in (labeller._prepare(t.report_id, t.text, c)
+                                  for t in tasks for c in labeller.conditions.values())
+                     for level in [None, *item.condition.levels]]
+    encoded = [engine.formatter.token_ids(c) for c in conversations]
+    total = sum(len(e) for e in encoded)
+    run = prefix = 0
+    for group in shared_prefix_groups(encoded, engine.config.min_shared_prefix):
+        rows = [encoded[i] for i in group]
+        shared = min(_common_prefix_len(rows), min(len(r) for r in rows) - 1) if len(group) > 1 else 0
+        prefix += shared
+        run += shared + sum(len(r) - shared for r in rows)
+    return total, run, prefix
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--reports", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=EngineConfig.batch_size)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time every cell this often, rounds interleaved, and keep the "
+                             "fastest (a shared machine's noise only ever adds time)")
+    parser.add_argument("--data", default=str(OPENI), help="Open-i reports_dev.csv")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    engine = TransformersEngine(EngineConfig(model=args.model, dtype=args.dtype,
+                                             batch_size=args.batch_size))
+    timers = Timers()
+    timers.wrap(engine)
+    tasks, source = load_reports(args.reports, args.seed, Path(args.data))
+    with tempfile.TemporaryDirectory() as folder:
+        conditions = load_conditions([*CHEST, *write_extra_conditions(Path(folder))])
+    templates: dict[str, PromptTemplate] = {w: BUILTIN_TEMPLATES[w] for w in WORDINGS}
+
+    # Warm-up: every wording once on two reports (allocator, kernels, lazy imports).
+    for template in templates.values():
+        Labeller(engine, conditions, "direct", template).label(tasks[:2])
+
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    n = len(tasks)
+    for round_ in range(args.repeats):
+        for k in KS:
+            for wording, template in templates.items():
+                labeller = Labeller(engine, conditions[:k], "direct", template)
+                timers.reset()
+                start = time.perf_counter()
+                rows = labeller.label(tasks)
+                seconds = time.perf_counter() - start
+                log.info("round %d, %s k=%d: %.3f s/report (%d scores)", round_ + 1, wording, k,
+                         seconds / n, len(rows))
+                if (wording, k) in results and results[wording, k]["s"] <= seconds / n:
+                    continue
+                total, run, prefix = computed_tokens(engine, labeller, tasks)
+                results[wording, k] = dict(
+                    s=seconds / n, total=total / n, run=run / n, prefix=prefix / n,
+                    shared_s=(timers.seconds["shared"] - timers.seconds["suffix"]) / n,
+                    suffix_s=timers.seconds["suffix"] / n, plain_s=timers.seconds["plain"] / n,
+                )
+
+    print(f"\nconditions benchmark: {args.model}, {args.dtype}, {len(tasks)} reports ({source}), "
+          f"batch {args.batch_size}, {torch.get_num_threads()} threads, direct method, fastest "
+          f"of {args.repeats} round(s)")
+    print(f"conditions: {', '.join(c.name for c in conditions)} (k = first k)\n")
+    print("| wording | k | s/report | x k=1 | prompt tokens/report | tokens run/report | "
+          "of them shared prefix | s prefix | s suffix | s unshared |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for wording in WORDINGS:
+        for k in KS:
+            r, base = results[wording, k], results[wording, 1]
+            print(f"| {wording} | {k} | {r['s']:.3f} | {r['s'] / base['s']:.2f}x | "
+                  f"{r['total']:.0f} | {r['run']:.0f} | {r['prefix']:.0f} | {r['shared_s']:.3f} | "
+                  f"{r['suffix_s']:.3f} | {r['plain_s']:.3f} |")
+    for wording in WORDINGS:
+        ratio = results[wording, 9]["s"] / results[wording, 1]["s"]
+        floor = results[wording, 9]["run"] / results[wording, 1]["run"]
+        print(f"{wording}: 9 conditions cost {ratio:.2f}x one (tokens run: {floor:.2f}x); "
+              f"target <= 3x {'met' if ratio <= 3 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

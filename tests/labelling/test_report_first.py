@@ -1,0 +1,184 @@
+"""The built-in `report_first` prompt variant: one shared prefix per report, whatever the condition
+(ray_app/labelling/prompts.py), and the transformers engine running that prefix once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ray_app.engines import EngineConfig, make_engine
+from ray_app.engines.transformers_engine import _common_prefix_len, shared_prefix_groups
+from ray_app.labelling import prompts
+from ray_app.labelling.conditions import Condition, FewShotExample, load_conditions
+from ray_app.labelling.labeller import Labeller, ReportTask
+from ray_app.labelling.prompts import (
+    BUILTIN_TEMPLATES,
+    DEFAULT_TEMPLATE,
+    REPORT_FIRST_TEMPLATE,
+    PromptError,
+    load_prompt,
+    load_prompt_variants,
+)
+from ray_app.labelling.scoring import score_from_logits
+
+CHEST = ["atelectasis", "cardiomegaly", "fracture", "pleural_effusion", "pneumothorax"]
+REPORTS = [
+    "FINDINGS: Small left pleural effusion. Heart size is mildly enlarged. No pneumothorax.\n"
+    "IMPRESSION: Small effusion, cardiomegaly.",
+    "CLINICAL HISTORY: fall.\nFINDINGS: Old healed fracture of the left 7th rib. Lungs clear.\n"
+    "IMPRESSION: No acute abnormality.",
+    "IMPRESSION: Normal chest.",
+]
+# A level-specific condition: its overall and level questions share the report's prefix too.
+LEVELLED = Condition(
+    name="rib_fracture",
+    definition="A rib fracture is a break in a rib, acute or healed.",
+    levels=("left", "right"),
+    drop_sections=("history",),
+)
+
+
+def test_paper_wording_and_its_hashes_are_unchanged():
+    assert BUILTIN_TEMPLATES["paper"] is DEFAULT_TEMPLATE
+    # Hashes recorded in existing outputs and calibrations: a change here orphans them.
+    assert DEFAULT_TEMPLATE.template_hash("direct") == "cb01c331d221abc4"
+    assert DEFAULT_TEMPLATE.template_hash("summary") == "51ad935f50a67e2c"
+    for method in prompts.METHODS:
+        assert REPORT_FIRST_TEMPLATE.template_hash(method) != DEFAULT_TEMPLATE.template_hash(method)
+
+
+def test_report_first_puts_the_report_before_any_condition():
+    conditions = load_conditions(CHEST)
+    report = REPORTS[0]
+    conversations = [prompts.direct_conversation(REPORT_FIRST_TEMPLATE, c, report) for c in conditions]
+    systems = {c[0]["content"] for c in conversations}
+    assert len(systems) == 1, "the system message must not depend on the condition"
+    (system,) = systems
+    assert system.endswith(f"Report: {report}")
+    role = system[: -len(report)]
+    for condition, conversation in zip(conditions, conversations):
+        assert condition.prompt_name not in role
+        question = conversation[-1]["content"]
+        assert question.startswith(condition.definition)
+        assert f"does the patient have {condition.prompt_name}?" in question
+    level = prompts.direct_conversation(REPORT_FIRST_TEMPLATE, LEVELLED, report, "left")
+    assert level[0]["content"] == system and "rib fracture at left?" in level[-1]["content"]
+    summary = prompts.summary_request_conversation(REPORT_FIRST_TEMPLATE, conditions[0], report)
+    assert summary[0]["content"] == system
+
+
+def test_few_shot_turns_come_after_the_report():
+    condition = Condition(name="fracture", definition="A fracture is a break in a bone.",
+                          few_shot=(FewShotExample("Acute rib fracture.", "yes"),))
+    conversation = prompts.direct_conversation(REPORT_FIRST_TEMPLATE, condition, REPORTS[0])
+    assert conversation[0]["content"].endswith(REPORTS[0])
+    assert [m["role"] for m in conversation] == ["system", "user", "assistant", "user"]
+    assert conversation[1]["content"].startswith("Report: Acute rib fracture.")
+
+
+def test_builtin_variants_are_selected_by_name(tmp_path):
+    assert load_prompt("report_first") is REPORT_FIRST_TEMPLATE
+    assert load_prompt("paper") is DEFAULT_TEMPLATE
+    assert load_prompt("report_first", "report_first") is REPORT_FIRST_TEMPLATE
+    assert load_prompt_variants("report_first") == [REPORT_FIRST_TEMPLATE]
+    with pytest.raises(PromptError, match="--prompt-name"):
+        load_prompt("report_first", "paper")
+    with pytest.raises(PromptError, match="neither a prompt file nor a built-in variant"):
+        load_prompt("report-first")  # a typo is neither a file nor a built-in
+    # A file still works, and may define its own variant called report_first.
+    path = tmp_path / "mine.yaml"
+    path.write_text("- name: report_first\n  system: 'Read this. Report: {report}'\n")
+    assert load_prompt(path).system == "Read this. Report: {report}"
+
+
+def test_label_job_and_serving_accept_a_builtin_name():
+    from ray_app.pipeline.label_job import LabelJobConfig, prompt_template
+    from ray_app.serving.app import AppArgs
+
+    cfg = LabelJobConfig(input="in.csv", output="out", conditions=["fracture"],
+                         prompt="report_first")
+    assert prompt_template(cfg) is REPORT_FIRST_TEMPLATE
+    assert AppArgs(conditions=["fracture"], prompt="report_first").prompt == "report_first"
+
+
+def _questions(template, conditions=None):
+    """Questions as the labeller orders them: report by report, condition by condition, level
+    by level (the history section dropped as the chest conditions ask)."""
+    conditions = conditions or [*load_conditions(CHEST), LEVELLED]
+    engine = _NoEngine()
+    labeller = Labeller(engine, conditions, "direct", template)
+    tasks = [ReportTask(f"r{i}", text) for i, text in enumerate(REPORTS)]
+    labeller.label(tasks)
+    return engine.conversations, len(conditions) + len(LEVELLED.levels)
+
+
+class _NoEngine:
+    """Records what the labeller asks; scores 0.5."""
+
+    name = "record"
+    model_id = "record"
+    config = EngineConfig(max_context_tokens=10**6)
+
+    def __init__(self):
+        self.conversations = []
+
+    def count_tokens(self, conversation):
+        return sum(len(m["content"]) for m in conversation)
+
+    def score(self, conversations):
+        self.conversations.extend(conversations)
+        return [0.5] * len(conversations)
+
+
+def test_a_reports_questions_fall_into_one_shared_prefix_group(tiny_engine):
+    config = tiny_engine.config
+    conversations, per_report = _questions(REPORT_FIRST_TEMPLATE)
+    encoded = [tiny_engine.formatter.token_ids(c) for c in conversations]
+    groups = shared_prefix_groups(encoded, config.min_shared_prefix)
+    expected = [list(range(r * per_report, (r + 1) * per_report)) for r in range(len(REPORTS))]
+    assert groups == expected
+    # The paper's wording names the condition before the report: only a condition's levels share.
+    conversations, _ = _questions(DEFAULT_TEMPLATE)
+    encoded = [tiny_engine.formatter.token_ids(c) for c in conversations]
+    paper_groups = shared_prefix_groups(encoded, config.min_shared_prefix)
+    assert max(len(g) for g in paper_groups) == 1 + len(LEVELLED.levels)
+    assert len(paper_groups) == len(REPORTS) * len(CHEST) + len(REPORTS)
+
+
+def test_short_report_long_definition_still_shares(tiny_engine):
+    """The shared part may be under half of each prompt (short report, long definitions)."""
+    filler = " ".join(["seen on the current images in any part of the chest"] * 4)
+    long = [Condition(name=f"finding_{i}", definition=f"Finding {i} is {filler}.")
+            for i in range(4)]
+    conversations = [prompts.direct_conversation(REPORT_FIRST_TEMPLATE, c, text)
+                     for text in ("Normal.", "Normal chest, no effusion.") for c in long]
+    encoded = [tiny_engine.formatter.token_ids(c) for c in conversations]
+    shared = _common_prefix_len(encoded[:4])
+    assert 2 * shared < min(len(e) for e in encoded[:4]), "the case a half-rule refused"
+    assert shared_prefix_groups(encoded, 16) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def _alone(engine, conversations):
+    """Each conversation on its own: one unpadded forward pass, score from the full logits."""
+    scores = []
+    for conversation in conversations:
+        ids = torch.tensor([engine.formatter.token_ids(conversation)])
+        with torch.inference_mode():
+            logits = engine.model(input_ids=ids).logits[0, -1]
+        scores.append(score_from_logits(logits.tolist(), engine.formatter.answer_tokens))
+    return scores
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_shared_prefix_scores_equal_each_prompt_alone(tiny_model_dir, batch_size):
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir),
+                                      batch_size=batch_size))
+    conversations, _ = _questions(REPORT_FIRST_TEMPLATE)
+    ran_shared = []
+    original = engine._score_shared
+    engine._score_shared = lambda groups, *a: (ran_shared.extend(groups), original(groups, *a))[1]
+    got = engine.score(conversations)
+    assert sorted(i for g in ran_shared for i in g) == list(range(len(conversations)))
+    expected = _alone(engine, conversations)
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
+    assert max(got) - min(got) > 0.05, "scores too alike to tell conditions apart"
