@@ -6,6 +6,7 @@ wherever a built-in name is accepted.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -18,8 +19,6 @@ import yaml
 from ray_app.labelling.sections import SECTION_KINDS
 
 _BUILTIN_PACKAGE = "ray_app.labelling.condition_specs"
-_ALLOWED_KEYS = {"name", "display_name", "definition", "levels", "drop_sections", "few_shot",
-                 "few_shot_k", "synonyms"}
 _ANSWERS = ("yes", "no")
 AUTO = "auto"  # `few_shot: auto`: examples picked per report from an example pool (few_shot.py)
 DEFAULT_FEW_SHOT_K = 4
@@ -84,6 +83,11 @@ class Condition:
             fields["few_shot_auto"] = {"k": self.few_shot_k, "pool": self.few_shot_pool}
         payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# The keys a condition YAML may have: every Condition field but the example pool's identity,
+# which the job that loads the pool sets.
+_ALLOWED_KEYS = {f.name for f in dataclasses.fields(Condition)} - {"few_shot_pool"}
 
 
 def condition_from_dict(data: dict, source: str) -> Condition:
