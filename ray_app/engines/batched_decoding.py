@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ray_app.engines.tensors import left_pad, left_padded_positions, right_pad
+from ray_app.engines.tensors import left_pad, left_padded_positions, returned_cache, right_pad
 
 Forward = Callable[..., Any]  # (input_ids, mask, positions, cache=None, logits_to_keep=1) -> output
 
@@ -133,7 +133,7 @@ def _prefill(forward: Forward, prompts: list[list[int]], pad_id: int, device: to
     for start in range(0, len(prompts), chunk_rows):
         ids, mask = left_pad(prompts[start : start + chunk_rows], pad_id, device)
         out = forward(ids, mask, left_padded_positions(mask))
-        caches.append((out.past_key_values, width - ids.shape[1]))
+        caches.append((returned_cache(out), width - ids.shape[1]))
         last_logits.append(out.logits[:, -1])
     _, mask = left_pad(prompts, pad_id, device)
     return DecodedBatch(_left_padded_cache(caches, new_cache), mask,
