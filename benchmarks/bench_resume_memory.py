@@ -31,9 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ray_app.engines import EngineConfig  # noqa: E402
-from ray_app.labelling.conditions import load_conditions  # noqa: E402
 from ray_app.pipeline import report_tables as tables
-from ray_app.pipeline.label_job import LabelJobConfig, _manifest, check_resume  # noqa: E402
+from ray_app.pipeline.label_job import LabelJobConfig, check_resume, run_setup  # noqa: E402
 
 CONDITIONS = ["cardiomegaly", "pleural_effusion", "atelectasis"]
 FINDINGS = ["Heart size is normal.", "Mild cardiomegaly.", "Small left pleural effusion.",
@@ -58,8 +57,9 @@ def write_archive(folder: Path, n: int) -> int:
 def write_half_done(cfg: LabelJobConfig, n: int) -> int:
     """Every other report labelled for every condition, as a crashed run leaves them."""
     out = tables.locate(cfg.output)
-    check_resume(out, _manifest(cfg, load_conditions(cfg.conditions), None))
-    model = _manifest(cfg, load_conditions(cfg.conditions), None)["model"]
+    identity = run_setup(cfg).identity()
+    check_resume(out, identity)
+    model = identity["model"]
     written = 0
     for start in range(0, n, ROWS_PER_FILE):
         ids = [f"acc{i:09d}" for i in range(start, min(n, start + ROWS_PER_FILE), 2)]

@@ -22,15 +22,11 @@ from typing import Any
 import pandas as pd
 import pyarrow.fs as pafs
 
-from ray_app.engines import EngineConfig, make_engine
-from ray_app.engines.base import model_identity
-from ray_app.engines.dry_run import DryRunEngine, dry_run_identity
-from ray_app.evaluation.calibration import Calibration, CalibrationError
+from ray_app.engines import EngineConfig
 from ray_app.labelling import few_shot
 from ray_app.labelling import rule_baseline as rules
-from ray_app.labelling.conditions import Condition, load_conditions
-from ray_app.labelling.labeller import Labeller, ReportTask
-from ray_app.labelling.prompts import DEFAULT_TEMPLATE, PromptTemplate, load_prompt
+from ray_app.labelling.labeller import ReportTask
+from ray_app.labelling.run_setup import RunSetup
 from ray_app.pipeline import placement, resume
 from ray_app.pipeline import report_tables as tables
 from ray_app.pipeline.placement import Placement
@@ -103,74 +99,30 @@ class ResumeError(RuntimeError):
     """The output folder holds labels made with a different setup."""
 
 
-def _expected_model_id(engine: EngineConfig) -> str | None:
-    """What the engine will record as its model_id, without loading the model; None for an
-    engine of your own ('package.module:Class'), whose ids are its own business."""
-    if ":" in engine.engine:
-        return None
-    if engine.engine == DryRunEngine.name:
-        return dry_run_identity(engine)
-    return model_identity(engine)
+def run_setup(cfg: LabelJobConfig) -> RunSetup:
+    """The run's setup from the job's settings: each piece (conditions, prompt, calibration,
+    example pool) loaded once, on the driver."""
+    return RunSetup.build(method=cfg.method, conditions=cfg.conditions, engine=cfg.engine,
+                          prompt=cfg.prompt, prompt_name=cfg.prompt_name,
+                          calibration=cfg.calibration, few_shot_pool=cfg.few_shot_pool,
+                          few_shot_truth=cfg.few_shot_truth, id_column=cfg.id_column,
+                          text_column=cfg.text_column, s3_endpoint=cfg.s3_endpoint)
 
 
-def prompt_template(cfg: LabelJobConfig) -> PromptTemplate:
-    return load_prompt(cfg.prompt, cfg.prompt_name) if cfg.prompt else DEFAULT_TEMPLATE
-
-
-def _setup_identity(cfg: LabelJobConfig, conditions: list[Condition]) -> tuple[str, str]:
-    """(model id, prompt hash) that the rows will carry, known before any model loads."""
-    if cfg.method == rules.METHOD:
-        return rules.rules_model_id(), rules.rules_hash(conditions)
-    model = _expected_model_id(cfg.engine) or model_identity(cfg.engine)
-    return model, prompt_template(cfg).template_hash(cfg.method)
-
-
-def make_labeller(cfg: LabelJobConfig,
-                  pool: few_shot.ExamplePool | None = None) -> Labeller | rules.RuleLabeller:
-    conditions = load_conditions(cfg.conditions)
-    if cfg.method == rules.METHOD:
-        return rules.RuleLabeller(conditions)
-    calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
-    return Labeller(make_engine(cfg.engine), conditions, cfg.method, prompt_template(cfg),
-                    calibration=calibration, few_shot_pool=pool)
-
-
-def _check_calibration(cfg: LabelJobConfig, conditions: list[Condition],
-                       calibration: Calibration | None) -> None:
-    """Refuse a calibration made for another model, prompt or definition before any work starts
-    (and before the manifest records it); the actors check again against the loaded engine."""
-    if calibration is None:
-        return
-    if cfg.method == rules.METHOD:
-        raise CalibrationError("the rule baseline's scores are labels already (1 = mentioned, "
-                               "0.5 = hedged, 0 = absent or negated); run it without --calibration")
-    model, prompt_hash = _setup_identity(cfg, conditions)
-    if _expected_model_id(cfg.engine) is None:
-        model = calibration.model  # an engine of your own: the actors check its ids
-    for condition in conditions:
-        calibration.check_applies(model, prompt_hash, condition.name, condition.definition_hash())
-
-
-def _manifest(cfg: LabelJobConfig, conditions: list[Condition],
-              calibration: Calibration | None) -> dict[str, Any]:
-    _check_calibration(cfg, conditions, calibration)
-    model, prompt_hash = _setup_identity(cfg, conditions)
-    return {
-        "model": model,
-        "method": cfg.method,
-        "prompt_hash": prompt_hash,
-        "conditions": {c.name: c.definition_hash() for c in conditions},
-        "calibration_id": calibration.calibration_id if calibration else None,
-    }
+# Manifest keys a resumed run must match, as the refusal names them.
+_IDENTITY_KEYS = {"model": "model", "method": "method", "prompt_hash": "prompt_hash",
+                  "scoring": "engine or dtype", "calibration_id": "calibration_id"}
 
 
 def check_resume(out: tables.TableLocation, manifest: dict[str, Any]) -> None:
-    """Refuse to mix labels from another model/prompt/definition into an existing output;
-    adding conditions to an existing output is fine."""
+    """Refuse to mix labels from another model/prompt/definition/engine settings into an
+    existing output; adding conditions to an existing output is fine."""
     previous = tables.read_manifest(out)
     if previous:
-        changed = [k for k in ("model", "method", "prompt_hash", "calibration_id")
-                   if previous.get(k) != manifest[k]]
+        # A key an older manifest lacks (engine settings before they were recorded) is taken
+        # as matching: its folder resumes, and the manifest records the key from now on.
+        changed = [name for k, name in _IDENTITY_KEYS.items()
+                   if k in previous and previous[k] != manifest[k]]
         changed += [f"definition of {name}" for name, h in manifest["conditions"].items()
                     if previous.get("conditions", {}).get(name, h) != h]
         pools = previous.get(few_shot.MANIFEST_KEY, {})  # also in the definition hash
@@ -198,10 +150,10 @@ class LabelActor:
     """Ray Data callable class: one engine per actor, loaded once. It holds its batch and
     nothing else: the planning step (`resume.plan_batch`) has already left out finished work."""
 
-    def __init__(self, cfg: LabelJobConfig, pool: few_shot.ExamplePool | None = None):
+    def __init__(self, cfg: LabelJobConfig, setup: RunSetup):
         placement.record_placement("label-actor")
         self.cfg = cfg
-        self.labeller = make_labeller(cfg, pool)
+        self.labeller = setup.labeller()
         self.out = tables.locate(cfg.output, cfg.s3_endpoint)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -406,19 +358,14 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     started, started_ns = time.monotonic(), time.time_ns()
     src, out = tables.locate(cfg.input, cfg.s3_endpoint), tables.locate(cfg.output, cfg.s3_endpoint)
     fmt = tables.table_format(cfg.input, cfg.input_format)
-    conditions = load_conditions(cfg.conditions)
-    calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
+    setup = run_setup(cfg)
     for column in (cfg.id_column, cfg.text_column):  # fail fast on a bad input or column,
         tables.require_column(src, fmt, column, cfg.encoding)  # before the output is written
-    # Loaded once here and shipped to the actors; its identity is in the definition hashes.
-    pool = few_shot.pool_for(conditions, cfg.method, cfg.few_shot_pool, cfg.few_shot_truth,
-                             cfg.id_column, cfg.text_column, cfg.s3_endpoint)
-    conditions = few_shot.bind_pool(conditions, pool)
-    check_resume(out, {**_manifest(cfg, conditions, calibration),
-                       **few_shot.manifest_entry(conditions, pool)})
+    setup.check_calibration()
+    check_resume(out, setup.identity())
     state = resume.finished_state(out)
     scan = resume.scan_ids(lambda: tables.iter_column(src, fmt, cfg.id_column, cfg.encoding),
-                           [c.name for c in conditions], state.done)
+                           setup.condition_names, state.done)
     state.duplicates = scan.duplicates
     log.info("%s: %d rows, %d duplicated ids; %d (report, condition) pairs already labelled, "
              "%d to do", cfg.input, scan.rows, len(scan.duplicates), state.done_pairs,
@@ -427,9 +374,8 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     if cfg.limit or scan.duplicates or scan.missing_ids or scan.pairs_to_do:
         try:
             to_do = scan.pairs_to_do if not cfg.limit else min(
-                scan.pairs_to_do, cfg.limit * len(conditions))
-            totals = _run_pipeline(cfg, src, fmt, [c.name for c in conditions], to_do, state,
-                                   pool)
+                scan.pairs_to_do, cfg.limit * len(setup.conditions))
+            totals = _run_pipeline(cfg, setup, src, fmt, to_do, state)
         except Exception as err:
             failures = engine_failures_since(out, started_ns)
             if not failures:
@@ -453,9 +399,8 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     return summary
 
 
-def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, condition_names: list[str],
-                  pairs_to_do: int, state: resume.ResumeState,
-                  pool: few_shot.ExamplePool | None = None) -> dict[str, float]:
+def _run_pipeline(cfg: LabelJobConfig, setup: RunSetup, src, fmt: str, pairs_to_do: int,
+                  state: resume.ResumeState) -> dict[str, float]:
     import ray
     import ray.data
 
@@ -463,13 +408,13 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, condition_names: list[str]
     where = actor_placement(cfg)
     log.info("labelling %d (report, condition) pairs; the first results come once the engine "
              "actors have started and loaded the model", pairs_to_do)
-    engine = cfg.engine
+    engine = setup.engine
     if not where.use_gpu and engine.cpu_threads is None:
         engine = replace(engine, cpu_threads=where.cpu_threads)
     # The finished keys go to the object store once; the planning step reads them zero-copy.
     state_ref = ray.put(state)
     planned = _read_reports(cfg, src, fmt).map_batches(
-        _plan_batch, fn_kwargs={"cfg": cfg, "fmt": fmt, "conditions": condition_names,
+        _plan_batch, fn_kwargs={"cfg": cfg, "fmt": fmt, "conditions": setup.condition_names,
                                 "state": state_ref},
         batch_format="pandas", batch_size=None)
     # A read task's rows arrive as one block (a small CSV: one block in all), and an actor task
@@ -478,7 +423,7 @@ def _run_pipeline(cfg: LabelJobConfig, src, fmt: str, condition_names: list[str]
     planned = planned.repartition(target_num_rows_per_block=cfg.reports_per_batch)
     stats = planned.map_batches(
         LabelActor,
-        fn_constructor_kwargs={"cfg": replace(cfg, engine=engine), "pool": pool},
+        fn_constructor_kwargs={"cfg": cfg, "setup": replace(setup, engine=engine)},
         compute=ray.data.ActorPoolStrategy(min_size=_min_actors(cfg, where),
                                            max_size=where.max_workers),
         batch_size=cfg.reports_per_batch, batch_format="pandas",

@@ -28,12 +28,11 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from ray_app.engines import EngineConfig, make_engine
-from ray_app.evaluation.calibration import Calibration
+from ray_app.engines import EngineConfig
 from ray_app.labelling import few_shot
 from ray_app.labelling.conditions import builtin_condition_names, load_conditions
 from ray_app.labelling.labeller import Labeller, ReportTask
-from ray_app.labelling.prompts import DEFAULT_TEMPLATE, load_prompt
+from ray_app.labelling.run_setup import RunSetup
 from ray_app.serving.request_safety import (
     RequestRejected,
     allowed_uri,
@@ -88,14 +87,17 @@ class LabelRequest(BaseModel):
     conditions: list[str] | None = Field(None, description="Default: every served condition.")
 
 
+def run_setup(args: AppArgs) -> RunSetup:
+    """The served labeller's setup, as a label job builds its own (ray_app/labelling/run_setup.py)."""
+    return RunSetup.build(method=args.method, conditions=args.conditions,
+                          engine=EngineConfig.from_dict(args.engine), prompt=args.prompt,
+                          prompt_name=args.prompt_name, calibration=args.calibration,
+                          few_shot_pool=args.few_shot_pool, few_shot_truth=args.few_shot_truth)
+
+
 def make_labeller(args: AppArgs) -> Labeller:
-    conditions = load_conditions(args.conditions)
-    calibration = Calibration.load(args.calibration) if args.calibration else None
-    template = load_prompt(args.prompt, args.prompt_name) if args.prompt else DEFAULT_TEMPLATE
-    pool = few_shot.pool_for(conditions, args.method, args.few_shot_pool, args.few_shot_truth)
-    engine = make_engine(EngineConfig.from_dict(args.engine))
-    return Labeller(engine, conditions, args.method, template, calibration=calibration,
-                    calibrate_every_condition=False, few_shot_pool=pool)
+    # Conditions the calibration lacks are served with scores only (refused per request).
+    return run_setup(args).labeller(calibrate_every_condition=False)
 
 
 class EngineQueue:

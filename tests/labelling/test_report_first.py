@@ -92,12 +92,12 @@ def test_builtin_variants_are_selected_by_name(tmp_path):
 
 
 def test_label_job_and_serving_accept_a_builtin_name():
-    from ray_app.pipeline.label_job import LabelJobConfig, prompt_template
+    from ray_app.pipeline.label_job import LabelJobConfig, run_setup
     from ray_app.serving.app import AppArgs
 
     cfg = LabelJobConfig(input="in.csv", output="out", conditions=["fracture"],
                          prompt="report_first")
-    assert prompt_template(cfg) is REPORT_FIRST_TEMPLATE
+    assert run_setup(cfg).template is REPORT_FIRST_TEMPLATE
     assert AppArgs(conditions=["fracture"], prompt="report_first").prompt == "report_first"
 
 

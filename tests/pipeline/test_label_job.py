@@ -595,7 +595,7 @@ def test_a_batch_run_twice_writes_its_rows_once(tmp_path):
     """Ray re-runs a batch whose actor died after writing it and before returning: the second
     run replaces the first run's files instead of adding rows."""
     from ray_app.pipeline import resume
-    from ray_app.pipeline.label_job import LabelActor
+    from ray_app.pipeline.label_job import LabelActor, run_setup
 
     cfg = LabelJobConfig(input="unused.csv", output=str(tmp_path / "out"),
                          conditions=["spinal_cancer"], engine=_dry_run())
@@ -604,7 +604,7 @@ def test_a_batch_run_twice_writes_its_rows_once(tmp_path):
     rows = _good_rows()[:3] + [{"report_id": "spine-dup", "text": "FINDINGS: Mild stenosis."}]
     batch = resume.plan_batch(pd.DataFrame(rows), "report_id", "text", ["spinal_cancer"],
                               nothing_done)
-    actor = LabelActor(cfg)
+    actor = LabelActor(cfg, run_setup(cfg))
     actor(batch)
     actor(batch.iloc[::-1].reset_index(drop=True))  # the re-run, rows in another order
     assert len(list((tmp_path / "out" / "labels").glob("part-*.parquet"))) == 1
