@@ -1,5 +1,5 @@
 """Which threshold method transfers best from a small calibration set: every method of
-ray_app.evaluation.calibration.THRESHOLD_METHODS is fitted on the calibration part of R seeded
+ray_app.evaluation.thresholds.THRESHOLD_METHODS is fitted on the calibration part of R seeded
 splits of the hand-labelled reports (the split of jobs/evaluate.py) and judged by balanced
 accuracy on the evaluation part of the same split.
 
@@ -29,12 +29,9 @@ from scipy.special import logit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ray_app.evaluation.calibration import (  # noqa: E402
-    THRESHOLD_METHODS,
-    fit_threshold,
-    join_truth,
-)
+from ray_app.evaluation.calibration import THRESHOLD_METHODS, join_truth
 from ray_app.evaluation.runs import split_reports  # noqa: E402
+from ray_app.evaluation.thresholds import fit_threshold
 
 # --- The comparison ----------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ store them in a versioned calibration file.
     ray job submit --working-dir . -- python jobs/calibrate.py --labels s3://bucket/labels/ \
         --truth calibration_labels.csv reviewed.csv --out calibration.json
 
-`--threshold-method` chooses how (calibration.THRESHOLD_METHODS; the default,
-calibration.DEFAULT_THRESHOLD_METHOD, transferred best from small calibration sets in
+`--threshold-method` chooses how (thresholds.THRESHOLD_METHODS; the default,
+thresholds.DEFAULT_THRESHOLD_METHOD, transferred best from small calibration sets in
 benchmarks/compare_thresholds.py; `eer` is the paper's rule); the file records the method and
 its parameters. `--truth` takes truth tables (report_id, condition, level, label) and filled-in
 review exports from jobs/export_review.py alike; a later file wins where two label the same question. Pass the
@@ -22,13 +22,13 @@ import pandas as pd
 
 from ray_app.evaluation.calibration import (
     DEFAULT_TARGET,
-    DEFAULT_THRESHOLD_METHOD,
     SOURCE_COLUMN,
     THRESHOLD_METHODS,
     build_calibration,
     describe,
 )
 from ray_app.evaluation.review import load_truth
+from ray_app.evaluation.thresholds import DEFAULT_THRESHOLD_METHOD
 from ray_app.labelling.few_shot import drop_example_reports, recorded_examples
 from ray_app.pipeline.cli import run_job
 from ray_app.pipeline.report_tables import read_label_rows

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ray_app.evaluation.calibration import eer_threshold
+from ray_app.evaluation.thresholds import eer_threshold
 
 SCORE_METRICS = ("auroc", "eer")
 LABEL_METRICS = ("balanced_accuracy", "f1", "sensitivity", "specificity")

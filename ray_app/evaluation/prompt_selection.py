@@ -28,10 +28,9 @@ from ray_app.evaluation.calibration import (
     TRUTH_KEY,
     CalibrationError,
     check_one_setup,
-    eer_threshold,
     join_truth,
-    log_odds,
 )
+from ray_app.evaluation.thresholds import eer_threshold, log_odds
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from ray_app.evaluation.calibration import (
-    Calibration,
-    CalibrationError,
-    fit_threshold,
-    join_truth,
-)
+from ray_app.evaluation.calibration import Calibration, CalibrationError, join_truth
 from ray_app.evaluation.metrics import METRICS, binary_metrics, bootstrap_intervals
+from ray_app.evaluation.thresholds import fit_threshold
 
 
 @dataclass(frozen=True)
@@ -33,8 +29,8 @@ class EvaluationConfig:
     confidence: float = field(default=0.95, metadata={"doc": "Width of the intervals."})
     threshold_method: str = field(default="eer", metadata={
         "doc": "How each run's threshold is chosen on the calibration part (one of "
-               "calibration.THRESHOLD_METHODS; eer is the paper's, jobs/calibrate.py's default "
-               "is calibration.DEFAULT_THRESHOLD_METHOD)."})
+               "thresholds.THRESHOLD_METHODS; eer is the paper's, jobs/calibrate.py's default "
+               "is thresholds.DEFAULT_THRESHOLD_METHOD)."})
 
 
 @dataclass

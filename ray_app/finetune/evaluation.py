@@ -20,7 +20,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from ray_app.engines.tensors import yes_scores
-from ray_app.evaluation.calibration import CalibrationError, eer_threshold, join_truth
+from ray_app.evaluation.calibration import CalibrationError, join_truth
+from ray_app.evaluation.thresholds import eer_threshold
 from ray_app.finetune.masking import IGNORE_INDEX, TokenisedExample, collate
 from ray_app.labelling.scoring import AnswerTokens
 

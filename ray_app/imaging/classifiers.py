@@ -20,8 +20,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from ray_app.evaluation.calibration import eer_threshold
 from ray_app.evaluation.metrics import binary_metrics
+from ray_app.evaluation.thresholds import eer_threshold
 from ray_app.provenance import code_version, utc_now
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ray_app.evaluation.calibration import eer_threshold
 from ray_app.evaluation.metrics import binary_metrics
+from ray_app.evaluation.thresholds import eer_threshold
 from ray_app.imaging.classifiers import SplitConfig, split_studies
 from ray_app.imaging.cnn import (
     CNNConfig,

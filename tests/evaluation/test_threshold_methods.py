@@ -15,18 +15,20 @@ from scipy.special import expit, logit
 from sklearn.metrics import roc_curve
 
 from ray_app.evaluation.calibration import (
-    DEFAULT_THRESHOLD_METHOD,
-    LOGIT_CLIP,
     THRESHOLD_METHODS,
     Calibration,
     CalibrationError,
     build_calibration,
     describe,
+    threshold_entry,
+)
+from ray_app.evaluation.thresholds import (
+    DEFAULT_THRESHOLD_METHOD,
+    LOGIT_CLIP,
     eer_threshold,
     fit_threshold,
     log_odds,
     method_params,
-    threshold_entry,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -70,7 +70,7 @@ def test_calibrated_disc_classifier_round_trips_through_a_folder(tmp_path):
     trained = fit_and_calibrate(DiscSVM(), parts, "stenosis", {"note": "toy"}, {"weights_id": "x"})
     assert trained.metrics["test"]["auroc"] > 0.9
     val_scores = trained.model.scores(parts["validation"][0])
-    from ray_app.evaluation.calibration import eer_threshold
+    from ray_app.evaluation.thresholds import eer_threshold
 
     assert trained.threshold == eer_threshold(parts["validation"][1], val_scores)[0]
     assert trained.metrics["test"]["threshold"] == trained.threshold
