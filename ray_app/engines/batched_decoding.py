@@ -19,7 +19,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ray_app.engines.tensors import left_pad, left_padded_positions, returned_cache, right_pad
+from ray_app.engines.tensors import (
+    left_pad,
+    left_padded_positions,
+    returned_cache,
+    right_pad,
+)
 
 Forward = Callable[..., Any]  # (input_ids, mask, positions, cache=None, logits_to_keep=1) -> output
 

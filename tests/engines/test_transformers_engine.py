@@ -5,7 +5,11 @@ import torch
 from tiny_model import force_next_tokens
 
 from ray_app.engines import EngineConfig, make_engine
-from ray_app.engines.transformers_engine import _common_prefix_len, shared_prefix_groups
+from ray_app.engines.transformers_engine import (
+    _common_prefix_len,
+    first_messages,
+    shared_prefix_groups,
+)
 from ray_app.labelling import prompts
 from ray_app.labelling.conditions import load_condition
 from ray_app.labelling.scoring import score_from_logits
@@ -54,7 +58,7 @@ def test_shared_prefix_path_equals_plain_batching(tiny_model_dir, conversations)
     plain = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), batch_size=3,
                                      min_shared_prefix=10**9))
     encoded = [shared.formatter.token_ids(c) for c in conversations]
-    groups = shared_prefix_groups(encoded, 8)
+    groups = shared_prefix_groups(encoded, 8, first_messages(conversations))
     assert any(len(g) == 6 for g in groups), "a report's stenosis levels share one prefix"
     a, b = shared.score(conversations), plain.score(conversations)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
@@ -68,15 +72,21 @@ def test_scores_do_not_depend_on_order_or_batch_size(tiny_model_dir, conversatio
 
 
 @pytest.mark.parametrize(
-    "encoded, groups",
+    "encoded, keys, groups",
     [
-        ([[1] * 40 + [2], [1] * 40 + [3], [4] * 40], [[0, 1], [2]]),
-        ([[1] * 10 + [2], [1] * 10 + [3]], [[0], [1]]),  # prefix shorter than min_shared
-        ([[1] * 40 + [2] * 100, [1] * 40 + [3]], [[0], [1]]),  # prefix < half the sequence
+        ([[1] * 40 + [2], [1] * 40 + [3], [4] * 40], None, [[0, 1], [2]]),
+        ([[1] * 10 + [2], [1] * 10 + [3]], None, [[0], [1]]),  # prefix shorter than min_shared
+        # Short report, long definitions: under half of each sequence shared, still one run.
+        ([[1] * 40 + [2] * 100, [1] * 40 + [3] * 100], "aa", [[0, 1]]),
+        # Two reports after a common preamble: a run per report (its key: its system message).
+        ([[1] * 40 + [r] * 60 + [c] for r in (2, 3) for c in (5, 6)], "aabb", [[0, 1], [2, 3]]),
+        ([[1] * 40 + [r] * 60 + [c] for r in (2, 3) for c in (5, 6)], None, [[0, 1, 2, 3]]),
+        ([[1] * 40], "a", [[0]]),
+        ([], "", []),
     ],
 )
-def test_shared_prefix_groups(encoded, groups):
-    assert shared_prefix_groups(encoded, 32) == groups
+def test_shared_prefix_groups(encoded, keys, groups):
+    assert shared_prefix_groups(encoded, 32, keys) == groups
 
 
 def test_generate_is_greedy_bounded_and_batch_independent(tiny_engine, conversations):

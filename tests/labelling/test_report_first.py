@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from ray_app.engines import EngineConfig, make_engine
-from ray_app.engines.transformers_engine import _common_prefix_len, shared_prefix_groups
+from ray_app.engines.transformers_engine import (
+    _common_prefix_len,
+    first_messages,
+    shared_prefix_groups,
+)
 from ray_app.labelling import prompts
 from ray_app.labelling.conditions import Condition, FewShotExample, load_conditions
 from ray_app.labelling.labeller import Labeller, ReportTask
@@ -21,6 +28,7 @@ from ray_app.labelling.prompts import (
 )
 from ray_app.labelling.scoring import score_from_logits
 
+REPO = Path(__file__).resolve().parents[2]
 CHEST = ["atelectasis", "cardiomegaly", "fracture", "pleural_effusion", "pneumothorax"]
 REPORTS = [
     "FINDINGS: Small left pleural effusion. Heart size is mildly enlarged. No pneumothorax.\n"
@@ -134,13 +142,14 @@ def test_a_reports_questions_fall_into_one_shared_prefix_group(tiny_engine):
     config = tiny_engine.config
     conversations, per_report = _questions(REPORT_FIRST_TEMPLATE)
     encoded = [tiny_engine.formatter.token_ids(c) for c in conversations]
-    groups = shared_prefix_groups(encoded, config.min_shared_prefix)
+    groups = shared_prefix_groups(encoded, config.min_shared_prefix, first_messages(conversations))
     expected = [list(range(r * per_report, (r + 1) * per_report)) for r in range(len(REPORTS))]
     assert groups == expected
     # The paper's wording names the condition before the report: only a condition's levels share.
     conversations, _ = _questions(DEFAULT_TEMPLATE)
     encoded = [tiny_engine.formatter.token_ids(c) for c in conversations]
-    paper_groups = shared_prefix_groups(encoded, config.min_shared_prefix)
+    paper_groups = shared_prefix_groups(encoded, config.min_shared_prefix,
+                                        first_messages(conversations))
     assert max(len(g) for g in paper_groups) == 1 + len(LEVELLED.levels)
     assert len(paper_groups) == len(REPORTS) * len(CHEST) + len(REPORTS)
 
@@ -155,7 +164,8 @@ def test_short_report_long_definition_still_shares(tiny_engine):
     encoded = [tiny_engine.formatter.token_ids(c) for c in conversations]
     shared = _common_prefix_len(encoded[:4])
     assert 2 * shared < min(len(e) for e in encoded[:4]), "the case a half-rule refused"
-    assert shared_prefix_groups(encoded, 16) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert shared_prefix_groups(encoded, 16, first_messages(conversations)) == [
+        [0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def _alone(engine, conversations):
@@ -178,7 +188,43 @@ def test_shared_prefix_scores_equal_each_prompt_alone(tiny_model_dir, batch_size
     original = engine._score_shared
     engine._score_shared = lambda groups, *a: (ran_shared.extend(groups), original(groups, *a))[1]
     got = engine.score(conversations)
-    assert sorted(i for g in ran_shared for i in g) == list(range(len(conversations)))
+    assert sorted(i for g, _ in ran_shared for i in g) == list(range(len(conversations)))
     expected = _alone(engine, conversations)
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
     assert max(got) - min(got) > 0.05, "scores too alike to tell conditions apart"
+
+
+def test_select_prompt_takes_builtin_names_beside_files(tmp_path, monkeypatch):
+    """jobs/select_prompt.py --prompts FILE report_first: every variant labelled with the right
+    source and name; a name given twice across sources is refused before any labelling."""
+    sys.path.insert(0, str(REPO / "jobs"))
+    import select_prompt
+
+    (tmp_path / "reports.csv").write_text("report_id,text\nr0,FINDINGS: Normal.\n")
+    (tmp_path / "truth.csv").write_text("report_id,condition,level,label\nr0,fracture,,0\n")
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("- name: terse\n  direct_question: 'Does the patient have {condition}?'\n")
+    flags = ["--truth", str(tmp_path / "truth.csv"), "--out", str(tmp_path / "sel"),
+             "--input", str(tmp_path / "reports.csv"), "--conditions", "fracture",
+             "--engine", "dry-run"]
+    ran = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cfg):
+        ran.append((cfg.prompt, cfg.prompt_name, load_prompt(cfg.prompt, cfg.prompt_name).name))
+        if len(ran) == 2:
+            raise Stop
+
+    monkeypatch.setattr(select_prompt, "run_label_job", fake_run)
+    monkeypatch.setattr(select_prompt, "read_label_rows", lambda output: None)
+    with pytest.raises(Stop):
+        select_prompt.main(["--prompts", str(variants), "report_first", *flags])
+    assert ran == [(str(variants), "terse", "terse"),
+                   ("report_first", "report_first", "report_first")]
+    ran.clear()
+    with pytest.raises(PromptError, match="unique across them"):
+        select_prompt.main(["--prompts", "paper", str(REPO / "configs" / "prompt_variants.yaml"),
+                            *flags])
+    assert ran == []
