@@ -39,9 +39,11 @@ def build_examples(cfg: FinetuneConfig, reports_uri: str, labels_uri: str | None
     if cfg.mode == "impression":
         return datasets.impression_examples(reports)
     from ray_app.labelling.conditions import load_conditions
+    from ray_app.labelling.prompts import conditions_prompt
 
     labels = datasets.read_labels(labels_uri or "")
-    return datasets.labeller_examples(reports, labels, load_conditions(cfg.conditions))
+    conditions = load_conditions(cfg.conditions)
+    return datasets.labeller_examples(reports, labels, conditions, conditions_prompt(conditions))
 
 
 def prepare_data(cfg: FinetuneConfig, tokenizer: Any
@@ -217,11 +219,11 @@ def _prompt_provenance(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.mode != "labeller":
         return {}
     from ray_app.labelling.conditions import load_conditions
-    from ray_app.labelling.prompts import DEFAULT_TEMPLATE
+    from ray_app.labelling.prompts import conditions_prompt
 
-    return {"prompt_hash": DEFAULT_TEMPLATE.template_hash("direct"),
-            "definition_hashes": {c.name: c.definition_hash()
-                                  for c in load_conditions(cfg.conditions)}}
+    conditions = load_conditions(cfg.conditions)
+    return {"prompt_hash": conditions_prompt(conditions).template_hash("direct"),
+            "definition_hashes": {c.name: c.definition_hash() for c in conditions}}
 
 
 def _versions() -> dict[str, str]:

@@ -61,6 +61,9 @@ class Condition:
     synonyms: tuple[str, ...] = field(
         default=(), metadata={"doc": "Phrases the rule baseline looks for; not shown to the LLM."}
     )
+    prompt: str = field(default="", metadata={
+        "doc": "Built-in prompt variant (e.g. report_first) a run uses when it names none; "
+               "empty: the paper's wording. Covered by the prompt hash, not the definition's."})
 
     @property
     def prompt_name(self) -> str:
@@ -120,6 +123,7 @@ def condition_from_dict(data: dict, source: str) -> Condition:
         few_shot=tuple(examples),
         few_shot_k=_few_shot_k(data, auto, source),
         synonyms=tuple(_text_list(data.get("synonyms") or [], "synonyms", source)),
+        prompt=_preferred_prompt(data, source),
     )
 
 
@@ -187,6 +191,18 @@ def _few_shot_k(data: dict, auto: bool, source: str) -> int:
         raise ConditionError(f"{source}: 'few_shot_k' must be an even whole number of at least "
                              f"2 (half 'yes' examples, half 'no'), got {k!r}")
     return k
+
+
+def _preferred_prompt(data: dict, source: str) -> str:
+    value = data.get("prompt") or ""
+    # Imported here: prompts.py builds on this module.
+    from ray_app.labelling.prompts import BUILTIN_TEMPLATES
+
+    if value and value not in BUILTIN_TEMPLATES:
+        raise ConditionError(f"{source}: 'prompt' must name a built-in prompt variant "
+                             f"({', '.join(BUILTIN_TEMPLATES)}), got {value!r}; a prompt file "
+                             "is chosen per run with --prompt")
+    return str(value)
 
 
 def builtin_condition_names() -> list[str]:

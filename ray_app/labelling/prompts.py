@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +16,8 @@ from typing import Sequence
 import yaml
 
 from ray_app.labelling.conditions import Condition, FewShotExample
+
+log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -84,6 +87,22 @@ REPORT_FIRST_TEMPLATE = PromptTemplate(
 BUILTIN_TEMPLATES: dict[str, PromptTemplate] = {
     t.name: t for t in (DEFAULT_TEMPLATE, REPORT_FIRST_TEMPLATE)
 }
+
+
+
+def conditions_prompt(conditions: Sequence[Condition]) -> PromptTemplate:
+    """The wording a run uses when it names none: the built-in variant its conditions' YAMLs
+    ask for (`prompt:`; the chest X-ray conditions ask for report_first, measured better and
+    faster on Open-i), else the paper's. Conditions asking for different ones get the paper's,
+    with a warning."""
+    wanted = {c.prompt or DEFAULT_TEMPLATE.name for c in conditions}
+    if len(wanted) == 1:
+        return BUILTIN_TEMPLATES[wanted.pop()]
+    log.warning("the conditions ask for different prompt wordings (%s); using the paper's: "
+                "pass --prompt to choose", ", ".join(
+                    f"{c.name}: {c.prompt or DEFAULT_TEMPLATE.name}" for c in conditions))
+    return DEFAULT_TEMPLATE
+
 
 # The placeholders each field may use; anything else is a typo that would fail on every report.
 _PLACEHOLDERS = {

@@ -18,8 +18,8 @@ from ray_app.labelling import few_shot
 from ray_app.labelling import rule_baseline as rules
 from ray_app.labelling.conditions import Condition, load_conditions
 from ray_app.labelling.labeller import Labeller
-from ray_app.labelling.prompts import DEFAULT_TEMPLATE, PromptTemplate, load_prompt
-
+from ray_app.labelling.prompts import (DEFAULT_TEMPLATE, PromptTemplate, conditions_prompt,
+                                       load_prompt)
 
 @dataclass(frozen=True)
 class RunSetup:
@@ -45,7 +45,8 @@ class RunSetup:
                                  text_column, s3_endpoint)
         return cls(method=method, conditions=tuple(few_shot.bind_pool(loaded, pool)),
                    engine=engine,
-                   template=load_prompt(prompt, prompt_name) if prompt else DEFAULT_TEMPLATE,
+                   template=(load_prompt(prompt, prompt_name) if prompt
+                             else conditions_prompt(loaded)),
                    calibration=Calibration.load(calibration) if calibration else None,
                    pool=pool)
 

@@ -55,8 +55,9 @@ class LabelJobConfig:
     calibration: str | None = field(default=None, metadata={"doc": "Calibration JSON: adds labels."})
     prompt: str | None = field(
         default=None, metadata={"doc": "YAML prompt variant(s), or a built-in variant's name: "
-                                "'paper' (the default) or 'report_first' (the report before the "
-                                "condition: one shared prefill per report)."})
+                                "'paper' or 'report_first' (the report before the condition: one "
+                                "shared prefill per report); None: the one the conditions' YAMLs "
+                                "ask for (report_first for the chest X-ray ones), else paper."})
     prompt_name: str | None = field(
         default=None, metadata={"doc": "Which variant of a --prompt file with several."})
     few_shot_pool: str | None = field(default=None, metadata={

@@ -7,7 +7,8 @@ import pytest
 from synthetic import write_reports
 
 from ray_app.finetune.config import FinetuneConfig
-from ray_app.finetune.ray_job import prepare_data
+from ray_app.finetune.ray_job import _prompt_provenance, build_examples, prepare_data
+from ray_app.labelling.prompts import REPORT_FIRST_TEMPLATE
 from ray_app.finetune.train import (
     LocalContext,
     load_tokenizer,
@@ -60,6 +61,16 @@ def test_labeller_heldout_metrics_before_and_after(data, tiny_model_dir, tmp_pat
         assert before["labeller"][condition]["n"] == 8
         assert after["labeller"][condition]["positives"] == 4
         assert 0.0 <= after["labeller"][condition]["auroc"] <= 1.0
+
+
+def test_labeller_trains_on_the_wording_its_conditions_label_with(data):
+    reports, truth = data  # chest conditions: their YAMLs ask for report_first
+    cfg = _config(mode="labeller", train_input=str(reports), train_labels=str(truth),
+                  conditions=["cardiomegaly", "pleural_effusion"])
+    examples, _ = build_examples(cfg, str(reports), str(truth))
+    system = examples[0].prompt[0]["content"]
+    assert system.startswith(REPORT_FIRST_TEMPLATE.system.split("{report}")[0])
+    assert _prompt_provenance(cfg)["prompt_hash"] == REPORT_FIRST_TEMPLATE.template_hash("direct")
 
 
 def test_impression_rouge_and_gradient_checkpointing(data, tiny_model_dir, tmp_path):

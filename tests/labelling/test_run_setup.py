@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from ray_app.engines import EngineConfig
-from ray_app.labelling.prompts import REPORT_FIRST_TEMPLATE
+from ray_app.labelling.conditions import ConditionError
+from ray_app.labelling.prompts import DEFAULT_TEMPLATE, REPORT_FIRST_TEMPLATE
 from ray_app.labelling.run_setup import RunSetup
 from ray_app.pipeline import report_tables as tables
 from ray_app.pipeline.label_job import ResumeError, check_resume
@@ -29,12 +30,35 @@ def test_identity_is_known_without_loading_a_model():
 
 def test_prompt_and_adapter_are_part_of_the_identity():
     paper = RunSetup.build(method="direct", conditions=["fracture"],
-                           engine=EngineConfig(model="m"))
+                           engine=EngineConfig(model="m"), prompt="paper")
     first = RunSetup.build(method="direct", conditions=["fracture"],
                            engine=EngineConfig(model="m"), prompt="report_first")
     assert first.template is REPORT_FIRST_TEMPLATE
     assert paper.prompt_hash != first.prompt_hash
     assert _setup(adapter="/adapters/a").identity()["model"] == "some-model+/adapters/a"
+
+
+def _wording(conditions, prompt=None):
+    return RunSetup.build(method="direct", conditions=conditions, engine=EngineConfig(model="m"),
+                          prompt=prompt).template
+
+
+def test_a_run_naming_no_prompt_takes_the_wording_its_conditions_ask_for(tmp_path, caplog):
+    chest = ["cardiomegaly", "pleural_effusion", "atelectasis", "fracture", "pneumothorax"]
+    assert _wording(chest) is REPORT_FIRST_TEMPLATE  # measured better on Open-i (README)
+    assert _wording(["spinal_cancer", "disc_herniation"]) is DEFAULT_TEMPLATE
+    assert _wording(chest, prompt="paper") is DEFAULT_TEMPLATE  # --prompt wins
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("name: mine\ndefinition: Mine is a finding.\nprompt: report_first\n")
+    assert _wording(["spinal_cancer", str(mine)]) is DEFAULT_TEMPLATE  # asked for different ones
+    assert "different prompt wordings" in caplog.text and "mine: report_first" in caplog.text
+
+
+def test_a_condition_asking_for_an_unknown_prompt_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ndefinition: Bad is a finding.\nprompt: my_prompts.yaml\n")
+    with pytest.raises(ConditionError, match="built-in prompt variant .*paper, report_first"):
+        _wording([str(bad)])
 
 
 def test_a_run_resumed_with_another_dtype_is_refused(tmp_path):

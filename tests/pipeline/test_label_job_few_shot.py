@@ -83,7 +83,7 @@ def test_job_with_a_pool_records_it_and_refuses_another(setup, tmp_path):
     with pytest.raises(ResumeError, match="few-shot example pool of spinal_cancer"):
         run_label_job(dataclasses.replace(cfg, few_shot_truth=str(smaller)))
     # Adding a condition without the pool keeps the record of the pool's examples.
-    more = dataclasses.replace(cfg, conditions=["fracture"], few_shot_pool=None,
+    more = dataclasses.replace(cfg, conditions=["cauda_equina_compression"], few_shot_pool=None,
                                few_shot_truth=None)
     assert run_label_job(more).label_rows == 8
     manifest = json.loads((Path(cfg.output) / "manifest.json").read_text())
