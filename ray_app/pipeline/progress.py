@@ -24,6 +24,7 @@ class Progress:
         self._first: float | None = None  # when the first piece came, and how much it was
         self._first_done = 0
         self._last_line = self._started
+        self._last_logged_done = 0
 
     def update(self, n: int) -> None:
         now = time.monotonic()
@@ -33,7 +34,7 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
         elif now - self._last_line >= self.every_s:
-            self._last_line = now
+            self._last_line, self._last_logged_done = now, self.done
             log.info("%s", self.line(now))
 
     def line(self, now: float | None = None) -> str:
@@ -48,13 +49,23 @@ class Progress:
             left = 0.0
         share = 100 * self.done / self.total if self.total else 100.0
         done = f"{self.done:,}/{self.total:,} {self.unit} ({share:.1f}%)"
+        if self.done >= self.total:
+            return f"{done} in {_duration(now - self._started)}"
         if not rate:
-            return done if self.done >= self.total else f"{done}, rate not known yet"
+            # One result so far (a small job on one worker may have only two): judge by the
+            # time since the start, which counts starting workers and loading the model too.
+            left = (self.total - self.done) * (now - self._started) / self.done
+            return (f"{done}, at most about {_duration(left)} left (rate from the first results, "
+                    "model loading included)")
         return f"{done}, {rate:.2f} {self.unit}/s, about {_duration(left)} left"
 
     def close(self) -> None:
+        """Ends the bar; in logs, a last line when the last results came too soon after the
+        previous line to get one of their own."""
         if self._bar is not None:
             self._bar.close()
+        elif self.done and self._last_logged_done != self.done:
+            log.info("%s", self.line())
 
 
 def _bar(total: int, unit: str, stream: TextIO):
