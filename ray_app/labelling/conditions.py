@@ -22,6 +22,9 @@ _BUILTIN_PACKAGE = "ray_app.labelling.condition_specs"
 _ANSWERS = ("yes", "no")
 AUTO = "auto"  # `few_shot: auto`: examples picked per report from an example pool (few_shot.py)
 DEFAULT_FEW_SHOT_K = 4
+# How few-shot turns are laid out (ray_app.labelling.prompts.direct_conversation); part of the
+# definition hash of conditions with examples, so labels made with another layout are not mixed.
+FEW_SHOT_LAYOUT = "question-restates-report:v2"
 
 
 class ConditionError(ValueError):
@@ -84,6 +87,8 @@ class Condition:
         }
         if self.few_shot_auto:  # only then: every other condition keeps its hash
             fields["few_shot_auto"] = {"k": self.few_shot_k, "pool": self.few_shot_pool}
+        if self.few_shot or self.few_shot_auto:  # the question after examples restates its report
+            fields["few_shot_layout"] = FEW_SHOT_LAYOUT
         payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

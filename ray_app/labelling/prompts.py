@@ -203,11 +203,17 @@ def direct_conversation(
 ) -> Conversation:
     """Direct query; the answer token follows the opened assistant turn. `examples` replaces
     the condition's hand-written few-shot examples (the labeller passes those picked per
-    report, ray_app.labelling.few_shot)."""
+    report, ray_app.labelling.few_shot). After examples, the question carries its report again,
+    as each example's does: asked "based on the report" right after an example's report, a small
+    model answers about that example (Qwen-1.5B on Open-i: AUROC 0.66-0.80 with retrieved
+    examples, 0.96-0.98 without)."""
     question = _question(template.direct_question, template, condition, level)
+    turns = _few_shot_turns(template, condition, examples)
+    if turns:
+        question = f"Report: {report}\n{question}"
     return [
         _system(template, condition, report),
-        *_few_shot_turns(template, condition, examples),
+        *turns,
         {"role": "user", "content": question},
     ]
 

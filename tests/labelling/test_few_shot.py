@@ -271,7 +271,9 @@ def test_conversation_holds_the_picked_examples_before_the_question():
     assert [t["content"].split("\n")[0] for t in turns[::2]] == [f"Report: {e.report}"
                                                                  for e in picked]
     assert [t["content"] for t in turns[1::2]] == [e.answer for e in picked]
-    assert conversation[-1]["role"] == "user" and "Report:" not in conversation[-1]["content"]
+    # The question restates its report: after the examples' reports, "the report" would be theirs.
+    assert conversation[-1]["role"] == "user"
+    assert conversation[-1]["content"].startswith(f"Report: {query}\n")
     assert rows[0]["definition_hash"] == bind_pool([FRACTURE], pool)[0].definition_hash()
     assert rows[0]["definition_hash"] != FRACTURE.definition_hash()
 

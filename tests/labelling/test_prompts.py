@@ -105,7 +105,13 @@ def test_few_shot_turns_come_between_system_and_question():
     assert conversation[2]["content"] == "yes"
     assert conversation[3]["content"] == f"Report: Normal canal.\n{DIRECT_QUESTION}"
     assert conversation[4]["content"] == "no"
-    assert conversation[5]["content"] == DIRECT_QUESTION.replace("stenosis?", "stenosis at L4-L5?")
+    # The report asked about comes again with the question, or it would follow an example's.
+    assert conversation[5]["content"] == f"Report: {REPORT}\n" + DIRECT_QUESTION.replace(
+        "stenosis?", "stenosis at L4-L5?")
+    without = direct_conversation(DEFAULT_TEMPLATE, STENOSIS, REPORT, level="L4-L5")
+    assert without[-1]["content"] == DIRECT_QUESTION.replace("stenosis?", "stenosis at L4-L5?")
+    assert condition.definition_hash() != dataclasses.replace(
+        condition, few_shot=()).definition_hash()
 
 
 def test_summary_conversations_do_not_carry_few_shot():
