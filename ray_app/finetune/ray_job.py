@@ -20,7 +20,7 @@ from typing import Any
 from ray_app.finetune import datasets
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.masking import TokenisedExample, tokenise_all
-from ray_app.finetune.train import ADAPTER_DIR, STATE_FILE, train_worker
+from ray_app.finetune.train import ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE, train_worker
 from ray_app.pipeline import placement
 from ray_app.pipeline.ray_session import ensure_ray
 from ray_app.provenance import code_version, utc_now
@@ -77,7 +77,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     cfg = FinetuneConfig.from_dict(config["cfg"])
     placement.record_placement("finetune-worker")
-    ctx = RayWorkerContext(config["use_gpu"])
+    ctx = RayWorkerContext(config["use_gpu"], config.get("run_dir"))
     if ctx.device.type == "cpu":
         threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
         torch.set_num_threads(threads)
@@ -87,8 +87,10 @@ def _worker_entry(config: dict[str, Any]) -> None:
 class RayWorkerContext:
     """WorkerContext on Ray Train: rank, device and DDP from Ray, checkpoints to its storage."""
 
-    def __init__(self, use_gpu: bool) -> None:
+    def __init__(self, use_gpu: bool, run_dir: str | None = None) -> None:
         import ray.train
+
+        self.run_dir = run_dir
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
@@ -112,7 +114,7 @@ class RayWorkerContext:
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
+            return _unrecorded_checkpoint(self.run_dir)
         return checkpoint.to_directory(tempfile.mkdtemp(prefix="ray_app_resume_"))
 
     def gather(self, value: Any) -> list[Any]:
@@ -123,6 +125,27 @@ class RayWorkerContext:
         values: list[Any] = [None] * self.world_size
         dist.all_gather_object(values, value)
         return values
+
+
+def run_folder(cfg: FinetuneConfig) -> str:
+    """Where Ray Train keeps this run's checkpoints (a rerun with the same name resumes)."""
+    storage = os.path.abspath(cfg.storage_path or os.path.join(cfg.output, "ray_train"))
+    return os.path.join(storage, cfg.run_name)
+
+
+def _unrecorded_checkpoint(run_dir: str | None) -> str | None:
+    """The newest complete checkpoint folder of a run whose Ray Train record names none: a job
+    killed after a checkpoint's files reached storage but before Ray recorded it would otherwise
+    start again from step 0. Local (or mounted) storage only."""
+    if not run_dir or not os.path.isdir(run_dir):
+        return None
+    needed = (STATE_FILE, OPTIMIZER_FILE, os.path.join(ADAPTER_DIR, "adapter_model.safetensors"))
+    for folder in sorted(Path(run_dir).glob("step-*"), reverse=True):
+        if all((folder / name).is_file() for name in needed):
+            log.warning("Ray Train recorded no checkpoint for %s; resuming from %s, the newest "
+                        "complete checkpoint folder there", run_dir, folder)
+            return str(folder)
+    return None
 
 
 def worker_placement(cfg: FinetuneConfig):
@@ -140,15 +163,16 @@ def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
     from ray.train.torch import TorchConfig, TorchTrainer
 
     where = where or worker_placement(cfg)
-    storage = os.path.abspath(cfg.storage_path or os.path.join(cfg.output, "ray_train"))
+    run_dir = run_folder(cfg)  # on the driver: a worker's working directory may differ
+    storage, name = os.path.split(run_dir)
     return TorchTrainer(
         _worker_entry,
         train_loop_config={"cfg": asdict(cfg), "train": ray.put(train), "eval": ray.put(heldout),
-                           "use_gpu": where.use_gpu},
+                           "use_gpu": where.use_gpu, "run_dir": run_dir},
         torch_config=TorchConfig(backend=placement.ddp_backend(where.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=where.use_gpu,
                                      resources_per_worker=where.worker_resources()),
-        run_config=RunConfig(name=cfg.run_name, storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
 

@@ -70,3 +70,22 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
     assert provenance["resumed_from"] in ([CHECKPOINT_EVERY], [2 * CHECKPOINT_EVERY])
     steps = [h["step"] for h in provenance["history"]]
     assert steps == list(range(1, STEPS + 1)), "steps lost or repeated across the resume"
+
+
+def test_a_checkpoint_ray_did_not_record_is_found_in_the_run_folder(tmp_path):
+    from ray_app.finetune.ray_job import _unrecorded_checkpoint
+    from ray_app.finetune.train import ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE
+
+    def checkpoint(step: int, files: tuple[str, ...]) -> Path:
+        folder = tmp_path / f"step-{step:08d}"
+        (folder / ADAPTER_DIR).mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text("x")
+        return folder
+
+    complete = (STATE_FILE, OPTIMIZER_FILE, f"{ADAPTER_DIR}/adapter_model.safetensors")
+    assert _unrecorded_checkpoint(str(tmp_path)) is None
+    assert _unrecorded_checkpoint(None) is None
+    tenth = checkpoint(10, complete)
+    checkpoint(20, complete[:2])  # killed while its adapter was being written
+    assert _unrecorded_checkpoint(str(tmp_path)) == str(tenth)
