@@ -89,18 +89,16 @@ BUILTIN_TEMPLATES: dict[str, PromptTemplate] = {
 }
 
 
-
 def conditions_prompt(conditions: Sequence[Condition]) -> PromptTemplate:
     """The wording a run uses when it names none: the built-in variant its conditions' YAMLs
     ask for (`prompt:`; the chest X-ray conditions ask for report_first, measured better and
     faster on Open-i), else the paper's. Conditions asking for different ones get the paper's,
     with a warning."""
-    wanted = {c.prompt or DEFAULT_TEMPLATE.name for c in conditions}
-    if len(wanted) == 1:
-        return BUILTIN_TEMPLATES[wanted.pop()]
+    wanted = {c.name: c.prompt or DEFAULT_TEMPLATE.name for c in conditions}
+    if len(set(wanted.values())) == 1:
+        return BUILTIN_TEMPLATES[next(iter(wanted.values()))]
     log.warning("the conditions ask for different prompt wordings (%s); using the paper's: "
-                "pass --prompt to choose", ", ".join(
-                    f"{c.name}: {c.prompt or DEFAULT_TEMPLATE.name}" for c in conditions))
+                "pass --prompt to choose", ", ".join(f"{n}: {w}" for n, w in wanted.items()))
     return DEFAULT_TEMPLATE
 
 

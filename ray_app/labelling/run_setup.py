@@ -21,6 +21,7 @@ from ray_app.labelling.labeller import Labeller
 from ray_app.labelling.prompts import (DEFAULT_TEMPLATE, PromptTemplate, conditions_prompt,
                                        load_prompt)
 
+
 @dataclass(frozen=True)
 class RunSetup:
     """Conditions (with their few-shot pool bound), method, prompt, engine settings and

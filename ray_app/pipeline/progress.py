@@ -44,9 +44,6 @@ class Progress:
                     f"({now - self._started:.0f} s; workers are starting and loading the model)")
         since_first = self.done - self._first_done
         rate = since_first / (now - self._first) if since_first and now > self._first else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        if self.done >= self.total:
-            left = 0.0
         share = 100 * self.done / self.total if self.total else 100.0
         done = f"{self.done:,}/{self.total:,} {self.unit} ({share:.1f}%)"
         if self.done >= self.total:
@@ -57,6 +54,7 @@ class Progress:
             left = (self.total - self.done) * (now - self._started) / self.done
             return (f"{done}, at most about {_duration(left)} left (rate from the first results, "
                     "model loading included)")
+        left = (self.total - self.done) / rate
         return f"{done}, {rate:.2f} {self.unit}/s, about {_duration(left)} left"
 
     def close(self) -> None:
