@@ -18,8 +18,12 @@ from ray_app.labelling import few_shot
 from ray_app.labelling import rule_baseline as rules
 from ray_app.labelling.conditions import Condition, load_conditions
 from ray_app.labelling.labeller import Labeller
-from ray_app.labelling.prompts import (DEFAULT_TEMPLATE, PromptTemplate, conditions_prompt,
-                                       load_prompt)
+from ray_app.labelling.prompts import (
+    DEFAULT_TEMPLATE,
+    PromptTemplate,
+    conditions_prompt,
+    load_prompt,
+)
 
 
 @dataclass(frozen=True)
