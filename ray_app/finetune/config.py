@@ -71,7 +71,12 @@ class FinetuneConfig:
     num_workers: int = field(default=1, metadata={"doc": "Data-parallel Ray Train workers."})
     use_gpu: bool | None = field(default=None,
                                  metadata={"doc": "One GPU per worker; None: if the cluster "
-                                                  "has GPUs. bf16 on GPU, fp32 on CPU."})
+                                                  "has GPUs."})
+    dtype: str = field(default="auto",
+                       metadata={"doc": "Frozen base weights and autocast: 'auto' is bf16 on a "
+                                        "GPU or a CPU with bf16 instructions (AVX512-BF16, AMX), "
+                                        "else fp32; 'float32' or 'bfloat16' to choose. LoRA "
+                                        "weights and optimizer state stay fp32."})
     cpus_per_worker: float = field(default=1.0,
                                    metadata={"doc": "CPUs reserved per worker (fractions allowed)."})
     torch_threads: int | None = field(default=None,
@@ -103,6 +108,8 @@ class FinetuneConfig:
                              "label) and conditions")
         if self.eval_input and self.mode == "labeller" and not self.eval_labels:
             raise ValueError("mode 'labeller' with eval_input needs eval_labels")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype {self.dtype!r} is not one of 'auto', 'float32', 'bfloat16'")
         for name in ("batch_size", "grad_accumulation", "epochs", "max_length",
                      "checkpoint_every", "num_workers", "log_every"):
             if getattr(self, name) < 1:

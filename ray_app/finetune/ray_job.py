@@ -213,6 +213,7 @@ def export_adapter(checkpoint, output: str, provenance: dict[str, Any]) -> str:
         shutil.copytree(Path(folder) / ADAPTER_DIR, target)
     final = state["history"][-1] if state["history"] else {}
     provenance = {**provenance, "steps": state["step"], "world_size": state["world_size"],
+                  "dtype": state.get("dtype"),
                   "resumed_from": state["resumed_from"],
                   "eval_before": state["eval_before"], "eval_after": state["eval_after"],
                   "final_step": final,
@@ -224,12 +225,11 @@ def export_adapter(checkpoint, output: str, provenance: dict[str, Any]) -> str:
 
 def merge_adapter(model_spec: str, adapter: str, target: str) -> None:
     """Base + adapter as one Hugging Face model folder (fp32), for engines without LoRA."""
-    import torch
     from peft import PeftModel
 
     from ray_app.finetune.train import load_base
 
-    model, tokenizer = load_base(model_spec, torch.device("cpu"))
+    model, tokenizer = load_base(model_spec)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(target)
     tokenizer.save_pretrained(target)

@@ -21,6 +21,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
+from ray_app.engines.devices import resolve_dtype
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.evaluation import (
     HeldoutPass,
@@ -57,6 +58,7 @@ class LocalContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rank: int = 0
     world_size: int = 1
+    dtype: str = "float32"
     reports: list[dict[str, Any]] = field(default_factory=list)
 
     def wrap(self, model: Any) -> Any:
@@ -111,14 +113,13 @@ def load_tokenizer(model_spec: str) -> Any:
     return AutoTokenizer.from_pretrained(location.folder, gguf_file=location.gguf_file)
 
 
-def load_base(model_spec: str, device: torch.device) -> tuple[Any, Any]:
-    """Base model (bf16 on GPU, fp32 on CPU) and tokenizer, from any model source."""
+def load_base(model_spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Base model in `dtype` and its tokenizer, from any model source."""
     from transformers import AutoModelForCausalLM
 
     from ray_app.engines.model_sources import resolve_model
 
     location = resolve_model(model_spec)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(location.folder, gguf_file=location.gguf_file,
                                                  dtype=dtype)
     return model, load_tokenizer(model_spec)
@@ -158,22 +159,24 @@ def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
                  heldout: Sequence[TokenisedExample], ctx: WorkerContext) -> RunState:
     """Train, checkpointing every `checkpoint_every` steps and at the end; resume from the
     context's checkpoint if it has one. Held-out evaluation before (fresh runs) and after."""
-    model, tokenizer = load_base(cfg.model, ctx.device)
+    dtype = resolve_dtype(cfg.dtype, ctx.device)
+    log.info("worker %d trains on %s in %s", ctx.rank, ctx.device, dtype)
+    model, tokenizer = load_base(cfg.model, dtype)
     model = add_lora(model, cfg)
     state, optimizer_state = _resume(model, ctx)
     peft_model = model
     model = ctx.wrap(model)
     optimizer, scheduler = _optimizer(model, cfg, optimizer_state)
-    evaluate = _Evaluator(cfg, heldout, tokenizer, peft_model, ctx)
+    evaluate = _Evaluator(cfg, heldout, tokenizer, peft_model, ctx, dtype)
     if state.eval_before is None and state.step == 0:
         state.eval_before = evaluate()
-    state.world_size = ctx.world_size
+    state.world_size, state.dtype = ctx.world_size, str(dtype).removeprefix("torch.")
     schedule = make_schedule(len(train), cfg, ctx.rank, ctx.world_size)
     pad = pad_id(tokenizer)
     model.train()
     for step in range(state.step, len(schedule.steps)):
         metrics = _optimizer_step(model, optimizer, scheduler, schedule.steps[step], train, pad,
-                                  ctx)
+                                  ctx, dtype)
         state.step = step + 1
         metrics.update(step=state.step, epoch=schedule.epoch_of_step[step])
         _log_step(cfg, state, metrics, len(schedule.steps), ctx)
@@ -202,8 +205,8 @@ def _optimizer(model: Any, cfg: FinetuneConfig, saved: dict | None):
 
 
 def _optimizer_step(model, optimizer, scheduler, micro_batches: list[list[int]],
-                    train: Sequence[TokenisedExample], pad: int, ctx: WorkerContext
-                    ) -> dict[str, Any]:
+                    train: Sequence[TokenisedExample], pad: int, ctx: WorkerContext,
+                    dtype: torch.dtype) -> dict[str, Any]:
     started = time.perf_counter()
     loss_total, tokens = 0.0, 0
     for i, indices in enumerate(micro_batches):
@@ -212,7 +215,7 @@ def _optimizer_step(model, optimizer, scheduler, micro_batches: list[list[int]],
         # Gradients are all-reduced on the last micro-batch only.
         sync = (model.no_sync() if hasattr(model, "no_sync") and i < len(micro_batches) - 1
                 else contextlib.nullcontext())
-        with sync, _autocast(ctx.device):
+        with sync, _autocast(ctx.device, dtype):
             loss = model(**batch).loss / len(micro_batches)
             loss.backward()
         loss_total += float(loss.detach())
@@ -224,9 +227,10 @@ def _optimizer_step(model, optimizer, scheduler, micro_batches: list[list[int]],
             "tokens_per_s": tokens / seconds, "lr": scheduler.get_last_lr()[0]}
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 matmuls for the fp32 LoRA layers too, where the base runs in bf16."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -247,16 +251,16 @@ class _Evaluator:
     """Held-out loss on target tokens (all modes), yes/no metrics (labeller), ROUGE
     (impression); each worker takes its share, rank 0 gets the totals."""
 
-    def __init__(self, cfg, heldout, tokenizer, model, ctx):
-        self.cfg, self.heldout, self.tokenizer, self.model, self.ctx = (
-            cfg, list(heldout), tokenizer, model, ctx)
+    def __init__(self, cfg, heldout, tokenizer, model, ctx, dtype):
+        self.cfg, self.heldout, self.tokenizer, self.model, self.ctx, self.dtype = (
+            cfg, list(heldout), tokenizer, model, ctx, dtype)
         self.answers = answer_tokens(tokenizer) if cfg.mode == "labeller" else None
 
     def __call__(self) -> dict[str, Any] | None:
         if not self.heldout:
             return None
         mine = self.heldout[self.ctx.rank::self.ctx.world_size]
-        with _autocast(self.ctx.device):
+        with _autocast(self.ctx.device, self.dtype):
             part = heldout_pass(self.model, mine, self.cfg.batch_size, pad_id(self.tokenizer),
                                 self.ctx.device, self.answers)
         parts = self.ctx.gather(part)

@@ -1,5 +1,5 @@
 """The training loop without Ray (one process): data order across workers, the labeller's
-held-out yes/no metrics, ROUGE of generated impressions, gradient checkpointing."""
+held-out yes/no metrics, ROUGE of generated impressions, gradient checkpointing, bf16."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from ray_app.finetune.train import (
 
 
 def _config(**overrides) -> FinetuneConfig:
-    settings = dict(mode="summary", train_input="-", output="-", epochs=2, batch_size=2)
+    settings = dict(mode="summary", train_input="-", output="-", epochs=2, batch_size=2,
+                    dtype="float32")
     return FinetuneConfig(**{**settings, **overrides})
 
 
@@ -83,3 +84,36 @@ def test_impression_rouge_and_gradient_checkpointing(data, tiny_model_dir, tmp_p
     assert set(state.eval_after["rouge"]) == {"rouge1", "rouge2", "rougeL"}
     assert state.eval_after["rouge"]["rouge1"] > state.eval_before["rouge"]["rouge1"]
     assert state.eval_after["loss"] < state.eval_before["loss"]
+
+
+def test_bf16_base_with_fp32_lora_weights_learns(data, tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    from ray_app.finetune import train as train_module
+
+    reports, truth = data
+    kept = {}
+    add_lora = train_module.add_lora
+
+    def keep_model(model, cfg):
+        kept["model"] = add_lora(model, cfg)
+        return kept["model"]
+
+    monkeypatch.setattr(train_module, "add_lora", keep_model)
+    cfg = _config(mode="labeller", train_input=str(reports), train_labels=str(truth),
+                  eval_input=str(reports), eval_labels=str(truth), model=str(tiny_model_dir),
+                  conditions=["cardiomegaly", "pleural_effusion"], learning_rate=1e-2,
+                  epochs=3, batch_size=4, dtype="bfloat16")
+    state, _ = _train(cfg, tmp_path)
+    assert state.dtype == "bfloat16"
+    assert state.eval_after["loss"] < state.eval_before["loss"]
+    named = dict(kept["model"].named_parameters())
+    lora = {n: p.dtype for n, p in named.items() if "lora_" in n}
+    base = {n: p.dtype for n, p in named.items() if "lora_" not in n}
+    assert lora and set(lora.values()) == {torch.float32}  # the trained weights keep fp32 steps
+    assert set(base.values()) == {torch.bfloat16}
+
+
+def test_dtype_is_checked():
+    with pytest.raises(ValueError, match="dtype 'fp8' is not one of"):
+        _config(dtype="fp8")
