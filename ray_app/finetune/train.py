@@ -58,7 +58,6 @@ class LocalContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rank: int = 0
     world_size: int = 1
-    dtype: str = "float32"
     reports: list[dict[str, Any]] = field(default_factory=list)
 
     def wrap(self, model: Any) -> Any:
@@ -153,6 +152,7 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: list[int] = field(default_factory=list)
     world_size: int = 1
+    dtype: str = "float32"
 
 
 def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],

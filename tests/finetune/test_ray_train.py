@@ -51,7 +51,8 @@ def runs(ray_cluster, reports, tiny_model_dir, tmp_path_factory):
             mode="summary", train_input=str(reports), eval_input=str(reports),
             output=str(tmp_path_factory.mktemp(f"run{workers}")), model=str(tiny_model_dir),
             learning_rate=1e-2, epochs=2, batch_size=2, num_workers=workers,
-            cpus_per_worker=0.5, torch_threads=1, checkpoint_every=1000, merge=workers == 1)
+            cpus_per_worker=0.5, torch_threads=1, checkpoint_every=1000, merge=workers == 1,
+            dtype="float32")
         out[workers] = (cfg, run_finetune(cfg))
     assert _digest(tiny_model_dir) == before, "training wrote to the base model's files"
     return out
@@ -61,7 +62,7 @@ def runs(ray_cluster, reports, tiny_model_dir, tmp_path_factory):
 def test_loss_falls(runs, workers):
     cfg, provenance = runs[workers]
     losses = [h["loss"] for h in provenance["history"]]
-    assert provenance["world_size"] == workers
+    assert provenance["world_size"] == workers and provenance["dtype"] == "float32"
     assert provenance["steps"] == len(losses) == 16 // (2 * workers) * 2  # 16 examples, 2 epochs
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0]
     assert provenance["eval_after"]["loss"] < 0.5 * provenance["eval_before"]["loss"]
