@@ -28,9 +28,9 @@ class RecordingEngine(DryRunEngine):
     def score(self, conversations):
         time.sleep(self.options.get("seconds_per_call", 0))
         folder = self.options.get("record_dir")
-        if folder:  # one line per call: which actor did the work
+        if folder:  # one line per call: which actor did the work, and when it ended
             with open(Path(folder, f"{os.getpid()}.calls"), "a") as calls:
-                calls.write(f"{len(conversations)}\n")
+                calls.write(f"{len(conversations)} {time.time()}\n")
         return super().score(conversations)
 
 

@@ -461,7 +461,11 @@ def _follow_progress(stats, expected_pairs: int, cfg: LabelJobConfig) -> dict[st
     peaks = {"peak_rss_mb": 0.0, "private_mb": 0.0}
     progress = Progress(expected_pairs, "pairs", cfg.progress_every_s)
     try:
-        for batch in stats.iter_batches(batch_size=None, batch_format="pandas"):
+        # No prefetch: a prefetching iterator hands a block over only once the next one is
+        # ready too, so each result (and the line) came a whole batch late; a file of two
+        # batches showed nothing until the end.
+        for batch in stats.iter_batches(batch_size=None, batch_format="pandas",
+                                        prefetch_batches=0):
             for key in totals:
                 totals[key] += int(batch[key].sum())
             peaks = {k: max(v, float(batch[k].max())) for k, v in peaks.items()}

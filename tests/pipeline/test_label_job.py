@@ -633,7 +633,33 @@ def test_one_small_csv_is_shared_by_every_engine_batch_by_batch(tmp_path, caplog
     batches = -(-len(GOOD_IDS) // 2)
     lines = [r for r in caplog.records if r.name == "ray_app.pipeline.progress"]
     assert len(lines) >= batches - 1  # one line per finished batch (the last may be the summary)
-    calls = {p.stem: p.read_text().split() for p in record.glob("*.calls")}
+    calls = _calls(record)
     assert len(calls) == 2 and all(calls.values())  # both engines scored
-    sizes = [int(n) for c in calls.values() for n in c]  # questions per call: one a report
+    sizes = [n for c in calls.values() for n, _ in c]  # questions per call: one a report
     assert sum(sizes) == len(GOOD_IDS) and max(sizes) <= 2  # batches of at most 2 reports
+
+
+def _calls(record: Path) -> dict[str, list[tuple[int, float]]]:
+    """RecordingEngine's calls per actor: (questions, time the call ended)."""
+    return {p.stem: [(int(n), float(t)) for n, t in (line.split() for line in
+                                                     p.read_text().splitlines())]
+            for p in record.glob("*.calls")}
+
+
+@pytest.mark.timeout(240)
+def test_a_batch_s_progress_line_comes_when_that_batch_is_done(tmp_path, caplog):
+    """One engine, three batches: the first line must not wait for the second batch (a
+    prefetching iterator held each result back until the next one was ready)."""
+    reports = tmp_path / "reports.csv"
+    pd.DataFrame(_good_rows()[:3]).to_csv(reports, index=False)
+    record = tmp_path / "where"
+    cfg = LabelJobConfig(
+        input=str(reports), output=str(tmp_path / "out"), conditions=["spinal_cancer"],
+        reports_per_batch=1, min_actors=1, max_actors=1, progress_every_s=0.0,
+        engine=EngineConfig(engine="fault_engines:RecordingEngine", model="m",
+                            engine_kwargs={"record_dir": str(record), "seconds_per_call": 2.0}))
+    with caplog.at_level(logging.INFO, logger="ray_app.pipeline.progress"):
+        run_label_job(cfg)
+    (ends,) = [[t for _, t in c] for c in _calls(record).values()]
+    first_line = min(r.created for r in caplog.records if r.name == "ray_app.pipeline.progress")
+    assert len(ends) == 3 and first_line < sorted(ends)[1] - 1.0
