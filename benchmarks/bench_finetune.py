@@ -1,13 +1,16 @@
-"""LoRA fine-tuning speed by dtype: the same optimizer steps on the same examples, side by side.
+"""LoRA fine-tuning speed and memory by dtype and loss: the same optimizer steps on the same
+examples, side by side.
 
 Trains the fine-tuning job's own step (`ray_app.finetune.train`) on the labeller examples of the
-embedded spine reports (or of a labelled table given with --reports/--labels), once per dtype,
-from the same LoRA initialisation:
+embedded spine reports (or of a labelled table given with --reports/--labels), once per dtype
+and loss, from the same LoRA initialisation:
 
     python benchmarks/bench_finetune.py --model qwen2.5-coder-1.5b-instruct --steps 4
 
-Prints training tokens/s per dtype, the ratio to the first, the loss after the last step (the
-two should learn alike) and the peak memory of each dtype's run (each in its own process).
+Losses: `targets` (the job's: logits of the target positions only) and `all` (transformers'
+`labels=` loss, which projects every prompt position onto the vocabulary first).
+Prints training tokens/s per run, the ratio to the first, the loss after the last step (runs
+should learn alike) and the peak memory of each run (each in its own process).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.datasets import labeller_examples, read_labels, read_reports
-from ray_app.finetune.masking import tokenise_all
+from ray_app.finetune.masking import target_loss, tokenise_all
 from ray_app.finetune.train import (
     LocalContext,
     _optimizer,
@@ -47,8 +50,15 @@ def _examples(args, cfg: FinetuneConfig, tokenizer):
     return tokenised
 
 
-def _run(cfg: FinetuneConfig, dtype_name: str, train, steps: int, threads: int | None
-         ) -> dict[str, float]:
+def _all_positions_loss(model, batch):
+    return model(**batch).loss
+
+
+LOSSES = {"targets": target_loss, "all": _all_positions_loss}
+
+
+def _run(cfg: FinetuneConfig, dtype_name: str, loss: str, train, steps: int,
+         threads: int | None) -> dict[str, float]:
     if threads:
         torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
@@ -59,7 +69,7 @@ def _run(cfg: FinetuneConfig, dtype_name: str, train, steps: int, threads: int |
     ctx, pad = LocalContext(folder=None), pad_id(tokenizer)
     model.train()
     results = [_optimizer_step(model, optimizer, scheduler, schedule.steps[i], train, pad, ctx,
-                               dtype) for i in range(steps + 1)]
+                               dtype, LOSSES[loss]) for i in range(steps + 1)]
     timed = results[1:]  # the first step pays one-off allocation and kernel selection
     return {"tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["seconds"] for r in timed),
             "loss": timed[-1]["loss"],
@@ -74,6 +84,7 @@ def main() -> None:
                         help="report_id, condition, level, label table for --reports")
     parser.add_argument("--conditions", nargs="+", default=list(SAMPLE_CONDITIONS))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--losses", nargs="+", default=["targets"], choices=sorted(LOSSES))
     parser.add_argument("--steps", type=int, default=4, help="timed steps (one more warms up)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
@@ -87,17 +98,20 @@ def main() -> None:
     print(f"{args.model}: {len(train)} examples, {args.steps} timed steps of {args.batch_size}, "
           f"{args.threads or torch.get_num_threads()} threads")
     rows = []
-    for name in args.dtypes:
-        started = time.perf_counter()
-        # A fresh process per dtype: its peak memory is its own, and no caches carry over.
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows.append((name, pool.submit(_run, cfg, name, train, args.steps,
-                                           args.threads).result()))
-        print(f"  {name}: done in {time.perf_counter() - started:.0f} s", flush=True)
+    for dtype in args.dtypes:
+        for loss in args.losses:
+            started = time.perf_counter()
+            # A fresh process per run: its peak memory is its own, and no caches carry over.
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                result = pool.submit(_run, cfg, dtype, loss, train, args.steps,
+                                     args.threads).result()
+            rows.append((f"{dtype}, {loss}", result))
+            print(f"  {dtype}, {loss}: done in {time.perf_counter() - started:.0f} s", flush=True)
     first = rows[0][1]["tokens_per_s"]
-    print(f"{'dtype':<10} {'tokens/s':>9} {'x first':>8} {'last loss':>10} {'peak RSS GB':>12}")
+    print(f"{'dtype, loss':<18} {'tokens/s':>9} {'x first':>8} {'last loss':>10} "
+          f"{'peak RSS GB':>12}")
     for name, r in rows:
-        print(f"{name:<10} {r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / first:>8.2f} "
+        print(f"{name:<18} {r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / first:>8.2f} "
               f"{r['loss']:>10.4f} {r['peak_rss_gb']:>12.1f}")
 
 

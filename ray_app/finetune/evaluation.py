@@ -22,7 +22,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from ray_app.engines.tensors import yes_scores
 from ray_app.evaluation.calibration import CalibrationError, join_truth
 from ray_app.evaluation.thresholds import eer_threshold
-from ray_app.finetune.masking import IGNORE_INDEX, TokenisedExample, collate
+from ray_app.finetune.masking import TokenisedExample, collate, target_logits
 from ray_app.labelling.scoring import AnswerTokens
 
 log = logging.getLogger(__name__)
@@ -52,18 +52,16 @@ def heldout_pass(model: Any, examples: Sequence[TokenisedExample], batch_size: i
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits.float()
-        # logits at position t predict token t + 1
-        predicted, labels = logits[:, :-1], batch["labels"][:, 1:]
-        result.loss_sum += float(torch.nn.functional.cross_entropy(
-            predicted.reshape(-1, predicted.shape[-1]), labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum"))
-        result.target_tokens += int((labels != IGNORE_INDEX).sum())
+        logits, targets, keep = target_logits(model, batch)
+        logits = logits.float()
+        result.loss_sum += float(torch.nn.functional.cross_entropy(logits, targets,
+                                                                   reduction="sum"))
+        result.target_tokens += len(targets)
         if answer_tokens is not None:
-            first = (labels != IGNORE_INDEX).int().argmax(dim=1)
-            rows = torch.arange(len(chunk), device=device)
-            for example, score in zip(chunk, yes_scores(predicted[rows, first], answer_tokens)):
+            # the logits are row by row: a row's first target comes after the rows before it
+            per_row = keep.sum(dim=1)
+            first = per_row.cumsum(dim=0) - per_row
+            for example, score in zip(chunk, yes_scores(logits[first], answer_tokens)):
                 result.scores[example.example_id] = float(score)
     model.train(was_training)
     return result

@@ -5,6 +5,11 @@ The mask is made once, at tokenisation: `labels` is -100 on every prompt token a
 input id on every target token. The collator never rebuilds labels from input ids (the
 reference code did, which loses the mask; and where the pad token is also the end-of-turn
 token, deriving the mask from padding would drop the trained end-of-turn token too).
+
+The loss is computed from the logits of the target positions only (`target_logits`): a
+labeller example is ~200-500 prompt tokens for one or two target tokens, and the vocabulary
+projection of every prompt position (152k columns for Qwen, kept in fp32 for the loss) was
+most of a step's memory.
 """
 
 from __future__ import annotations
@@ -119,3 +124,30 @@ def collate(batch: Sequence[TokenisedExample], pad_id: int,
         labels[row, :n] = torch.tensor(example.labels)
         attention[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def target_mask(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits the loss uses: the logits at t predict token t + 1, so t is
+    kept where labels[t + 1] is a target."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def target_logits(model: Any, batch: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [n, vocab], target ids [n], the kept-position mask) for the n target tokens
+    of a collated batch, row by row. The model projects only the kept positions onto the
+    vocabulary (transformers' `logits_to_keep` with a boolean mask)."""
+    keep = target_mask(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits
+    targets = batch["labels"][:, 1:][keep[:, :-1]]
+    return logits.reshape(-1, logits.shape[-1]), targets, keep
+
+
+def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the batch's target tokens (what `labels=` computes in
+    transformers, without the prompt positions' logits)."""
+    logits, targets, _ = target_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,12 @@ from ray_app.finetune.evaluation import (
     labeller_metrics,
     rouge,
 )
-from ray_app.finetune.masking import IGNORE_INDEX, TokenisedExample, collate
+from ray_app.finetune.masking import (
+    IGNORE_INDEX,
+    TokenisedExample,
+    collate,
+    target_loss,
+)
 from ray_app.labelling.scoring import answer_tokens
 
 log = logging.getLogger(__name__)
@@ -206,7 +211,7 @@ def _optimizer(model: Any, cfg: FinetuneConfig, saved: dict | None):
 
 def _optimizer_step(model, optimizer, scheduler, micro_batches: list[list[int]],
                     train: Sequence[TokenisedExample], pad: int, ctx: WorkerContext,
-                    dtype: torch.dtype) -> dict[str, Any]:
+                    dtype: torch.dtype, loss_of: Callable = target_loss) -> dict[str, Any]:
     started = time.perf_counter()
     loss_total, tokens = 0.0, 0
     for i, indices in enumerate(micro_batches):
@@ -216,7 +221,7 @@ def _optimizer_step(model, optimizer, scheduler, micro_batches: list[list[int]],
         sync = (model.no_sync() if hasattr(model, "no_sync") and i < len(micro_batches) - 1
                 else contextlib.nullcontext())
         with sync, _autocast(ctx.device, dtype):
-            loss = model(**batch).loss / len(micro_batches)
+            loss = loss_of(model, batch) / len(micro_batches)
             loss.backward()
         loss_total += float(loss.detach())
     optimizer.step()

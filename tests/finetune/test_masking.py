@@ -12,7 +12,10 @@ from ray_app.finetune.datasets import TextExample, labeller_examples, summary_ex
 from ray_app.finetune.masking import (
     IGNORE_INDEX,
     TargetTooLong,
+    TokenisedExample,
     collate,
+    target_logits,
+    target_loss,
     tokenise,
     tokenise_all,
     truncate_prompt,
@@ -120,3 +123,31 @@ def test_labeller_answer_is_the_token_the_engine_scores(smollm2_tokenizer):
                     pad_id=END_TURN)
     assert batch["labels"][0].tolist() == tokenised.labels
     assert batch["labels"][1].tolist() == [M, 10407] + [M] * (len(prompt) - 1)
+
+
+def _tiny_batch(vocab_size: int) -> dict[str, torch.Tensor]:
+    """Two right-padded rows with targets of different lengths at different positions."""
+    ids = torch.randint(3, vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    a = TokenisedExample("a", ids[0].tolist(), [M] * 6 + ids[0, 6:].tolist())
+    b = TokenisedExample("b", ids[1, :5].tolist(), [M] * 4 + ids[1, 4:5].tolist())
+    return collate([a, b], pad_id=0)
+
+
+def test_loss_from_the_target_logits_alone_is_the_full_loss(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = _tiny_batch(model.config.vocab_size)
+    projected = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: projected.append(inputs[0].shape))
+    with torch.no_grad():
+        full = model(**batch)
+        ours = target_loss(model, batch)
+        logits, targets, keep = target_logits(model, batch)
+    assert torch.allclose(ours, full.loss, atol=1e-6)
+    assert projected[0][:2] == (2, 9)        # transformers' loss: every position of both rows
+    assert projected[1][:-1] == (3 + 1,)     # ours: the 3 + 1 positions that predict a target
+    assert torch.equal(targets, torch.tensor(batch["input_ids"][0, 6:].tolist()
+                                             + batch["input_ids"][1, 4:5].tolist()))
+    assert torch.allclose(logits, full.logits[keep], atol=1e-4)  # matmuls of other shapes
