@@ -91,6 +91,11 @@ class FinetuneConfig:
                                            "resumes from its latest checkpoint."})
     checkpoint_every: int = field(default=100, metadata={"doc": "Optimizer steps per checkpoint."})
     keep_checkpoints: int = field(default=2, metadata={"doc": "Checkpoints kept on storage."})
+    max_failures: int = field(default=2,
+                              metadata={"doc": "Training-worker failures (a killed process, a lost "
+                                               "node) that the run recovers from its latest "
+                                               "checkpoint by itself before the job fails; -1: "
+                                               "no limit. Preempted nodes are always recovered."})
     log_every: int = field(default=1, metadata={"doc": "Optimizer steps between loss/tokens/s logs."})
     eval_generate: int = field(default=0,
                                metadata={"doc": "impression: held-out examples generated for "
@@ -110,6 +115,8 @@ class FinetuneConfig:
             raise ValueError("mode 'labeller' with eval_input needs eval_labels")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype {self.dtype!r} is not one of 'auto', 'float32', 'bfloat16'")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be -1 (no limit) or more, got {self.max_failures}")
         for name in ("batch_size", "grad_accumulation", "epochs", "max_length",
                      "checkpoint_every", "num_workers", "log_every"):
             if getattr(self, name) < 1:

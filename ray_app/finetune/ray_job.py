@@ -159,7 +159,7 @@ def worker_placement(cfg: FinetuneConfig):
 def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
                  heldout: list[TokenisedExample], where=None):
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     where = where or worker_placement(cfg)
@@ -173,7 +173,8 @@ def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=where.use_gpu,
                                      resources_per_worker=where.worker_resources()),
         run_config=RunConfig(name=name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
 
 

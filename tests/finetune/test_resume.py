@@ -1,10 +1,12 @@
 """A fine-tuning job killed (SIGKILL, whole process group) after a checkpoint resumes from
-that checkpoint's step when rerun with the same config, and finishes the schedule."""
+that checkpoint's step when rerun with the same config, and finishes the schedule; a training
+worker killed alone (OOM killer, lost node) is restarted from the checkpoint within the run."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,16 +42,31 @@ def _first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float) -> Path
     raise AssertionError(f"no checkpoint under {run} within {timeout} s")
 
 
-def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+def _config(tmp_path: Path, model: Path) -> tuple[Path, Path]:
+    """A 30-step summary run checkpointing every 10 steps: (its YAML, its output folder)."""
     reports, _ = write_reports(tmp_path, 12)
     output = tmp_path / "out"
     config = tmp_path / "finetune.yaml"
     config.write_text(yaml.safe_dump({
         "mode": "summary", "train_input": str(reports), "output": str(output),
-        "model": str(tiny_model_dir), "learning_rate": 1e-3, "epochs": 5, "batch_size": 2,
+        "model": str(model), "learning_rate": 1e-3, "epochs": 5, "batch_size": 2,
         "max_steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "keep_checkpoints": 5,
         "cpus_per_worker": 0.5, "torch_threads": 1,
     }))
+    return config, output
+
+
+def _assert_finished_after_resuming(output: Path) -> None:
+    provenance = json.loads((output / "adapter" / "training_provenance.json").read_text())
+    assert provenance["steps"] == STEPS
+    # The latest checkpoint written before the kill (normally step 10; 20 if the kill was late).
+    assert provenance["resumed_from"] in ([CHECKPOINT_EVERY], [2 * CHECKPOINT_EVERY])
+    steps = [h["step"] for h in provenance["history"]]
+    assert steps == list(range(1, STEPS + 1)), "steps lost or repeated across the resume"
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    config, output = _config(tmp_path, tiny_model_dir)
     first = _start(config, tmp_path / "first.log")
     try:
         checkpoint = _first_checkpoint(output / "ray_train" / "finetune", first, timeout=200)
@@ -64,12 +81,26 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
 
     second = _start(config, tmp_path / "second.log")
     assert second.wait(timeout=240) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    provenance = json.loads((output / "adapter" / "training_provenance.json").read_text())
-    assert provenance["steps"] == STEPS
-    # The latest checkpoint written before the kill (normally step 10; 20 if the kill was late).
-    assert provenance["resumed_from"] in ([CHECKPOINT_EVERY], [2 * CHECKPOINT_EVERY])
-    steps = [h["step"] for h in provenance["history"]]
-    assert steps == list(range(1, STEPS + 1)), "steps lost or repeated across the resume"
+    _assert_finished_after_resuming(output)
+
+
+def test_a_killed_worker_is_restarted_from_the_checkpoint_within_the_run(tmp_path,
+                                                                         tiny_model_dir):
+    config, output = _config(tmp_path, tiny_model_dir)
+    log = tmp_path / "job.log"
+    job = _start(config, log)
+    try:
+        _first_checkpoint(output / "ray_train" / "finetune", job, timeout=200)
+        # Ray prefixes each line a worker prints with its pid.
+        workers = set(re.findall(r"RayTrainWorker pid=(\d+)", log.read_text()))
+        assert len(workers) == 1, workers
+        os.kill(int(workers.pop()), signal.SIGKILL)
+        assert job.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    _assert_finished_after_resuming(output)
 
 
 def test_a_checkpoint_ray_did_not_record_is_found_in_the_run_folder(tmp_path):
