@@ -32,3 +32,5 @@ def test_bad_values_say_which_field():
                                   "learning_rate": "fast"})
     with pytest.raises(SystemExit, match="unknown fine-tuning setting"):
         build_config(["--config", CONFIG, "--set", "learnin_rate=1"])
+    with pytest.raises(ValueError, match="max_failures must be -1 .* got -2"):
+        FinetuneConfig(mode="summary", train_input="a.csv", output="o", max_failures=-2)
