@@ -138,13 +138,15 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
 def target_logits(model: Any, batch: dict[str, torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits [n, vocab], target ids [n], the kept-position mask) for the n target tokens
-    of a collated batch, row by row. The model projects only the kept positions onto the
-    vocabulary (transformers' `logits_to_keep` with a boolean mask)."""
+    of a collated batch, row by row. The model projects onto the vocabulary only the positions
+    where some row has a target (transformers' `logits_to_keep` as 1-D positions, the form
+    every transformers 5 release takes; the vLLM environment has an older one)."""
     keep = target_mask(batch["labels"])
+    positions = keep.any(dim=0).nonzero().squeeze(1)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=keep).logits
+                   logits_to_keep=positions).logits
     targets = batch["labels"][:, 1:][keep[:, :-1]]
-    return logits.reshape(-1, logits.shape[-1]), targets, keep
+    return logits[keep[:, positions]], targets, keep
 
 
 def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -147,7 +147,7 @@ def test_loss_from_the_target_logits_alone_is_the_full_loss(tiny_model_dir):
         logits, targets, keep = target_logits(model, batch)
     assert torch.allclose(ours, full.loss, atol=1e-6)
     assert projected[0][:2] == (2, 9)        # transformers' loss: every position of both rows
-    assert projected[1][:-1] == (3 + 1,)     # ours: the 3 + 1 positions that predict a target
+    assert projected[1][:2] == (2, 4)  # ours: positions 5-7 (a) and 3 (b) predict a target
     assert torch.equal(targets, torch.tensor(batch["input_ids"][0, 6:].tolist()
                                              + batch["input_ids"][1, 4:5].tolist()))
     assert torch.allclose(logits, full.logits[keep], atol=1e-4)  # matmuls of other shapes
