@@ -24,8 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from ray_app.finetune.config import FinetuneConfig
-from ray_app.finetune.datasets import labeller_examples, read_labels, read_reports
-from ray_app.finetune.masking import target_loss, tokenise_all
+from ray_app.finetune.masking import target_loss
+from ray_app.finetune.ray_job import prepare_data
 from ray_app.finetune.train import (
     LocalContext,
     _optimizer,
@@ -36,18 +36,7 @@ from ray_app.finetune.train import (
     make_schedule,
     pad_id,
 )
-from ray_app.labelling.conditions import load_conditions
-from ray_app.labelling.prompts import conditions_prompt
 from ray_app.pipeline.embedded_default import SAMPLE_CONDITIONS, sample_file
-
-
-def _examples(args, cfg: FinetuneConfig, tokenizer):
-    reports = read_reports(args.reports, "report_id", "text")
-    conditions = load_conditions(args.conditions)
-    examples, _ = labeller_examples(reports, read_labels(args.labels), conditions,
-                                    conditions_prompt(conditions))
-    tokenised, _ = tokenise_all(tokenizer, examples, cfg.max_length)
-    return tokenised
 
 
 def _all_positions_loss(model, batch):
@@ -94,7 +83,7 @@ def main() -> None:
                          conditions=args.conditions, output="-", model=args.model,
                          batch_size=args.batch_size, max_length=args.max_length,
                          learning_rate=1e-4)
-    train = _examples(args, cfg, load_tokenizer(args.model))
+    train, _, _ = prepare_data(cfg, load_tokenizer(args.model))  # the job's own examples
     print(f"{args.model}: {len(train)} examples, {args.steps} timed steps of {args.batch_size}, "
           f"{args.threads or torch.get_num_threads()} threads")
     rows = []
