@@ -46,6 +46,13 @@ class FinetuneConfig:
     lora_dropout: float = field(default=0.05, metadata={"doc": "Dropout on the LoRA input."})
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
                                       metadata={"doc": "Linear layers that get adapters."})
+    init_adapter: str | None = field(default=None,
+                                     metadata={"doc": "An earlier run's <output>/adapter to go "
+                                                      "on training (more hand labels arrived): "
+                                                      "its LoRA shape replaces lora_r, "
+                                                      "lora_alpha, lora_dropout and "
+                                                      "target_modules; its base model must be "
+                                                      "`model`. None: fresh LoRA weights."})
     # Optimisation
     learning_rate: float = field(default=1e-5, metadata={"doc": "AdamW learning rate."})
     weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay."})

@@ -81,7 +81,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
     if ctx.device.type == "cpu":
         threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
         torch.set_num_threads(threads)
-    train_worker(cfg, ray.get(config["train"]), ray.get(config["eval"]), ctx)
+    start = ray.get(config["start"]) if config.get("start") is not None else None
+    train_worker(cfg, ray.get(config["train"]), ray.get(config["eval"]), ctx, start)
 
 
 class RayWorkerContext:
@@ -157,7 +158,8 @@ def worker_placement(cfg: FinetuneConfig):
 
 
 def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
-                 heldout: list[TokenisedExample], where=None):
+                 heldout: list[TokenisedExample], where=None,
+                 start: dict[str, bytes] | None = None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -168,7 +170,8 @@ def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
     return TorchTrainer(
         _worker_entry,
         train_loop_config={"cfg": asdict(cfg), "train": ray.put(train), "eval": ray.put(heldout),
-                           "use_gpu": where.use_gpu, "run_dir": run_dir},
+                           "use_gpu": where.use_gpu, "run_dir": run_dir,
+                           "start": ray.put(start) if start else None},
         torch_config=TorchConfig(backend=placement.ddp_backend(where.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=where.use_gpu,
                                      resources_per_worker=where.worker_resources()),
@@ -184,10 +187,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from ray_app.finetune.train import load_tokenizer
 
     started, started_at = time.monotonic(), utc_now()
+    start, start_info = read_init_adapter(cfg)
     train, heldout, data_info = prepare_data(cfg, load_tokenizer(cfg.model))
     ensure_ray()
     where = worker_placement(cfg)
-    result = make_trainer(cfg, train, heldout, where).fit()
+    result = make_trainer(cfg, train, heldout, where, start).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint: {result.error}")
     provenance = {
@@ -195,12 +199,42 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "workers": cfg.num_workers, "device": "cuda" if where.use_gpu else "cpu",
         "started_at": started_at, "finished_at": utc_now(),
         "seconds": round(time.monotonic() - started, 1), "code_version": code_version(),
-        "versions": _versions(), **_prompt_provenance(cfg),
+        "versions": _versions(), **_prompt_provenance(cfg), "init_adapter": start_info,
     }
     adapter = export_adapter(result.checkpoint, cfg.output, provenance)
     if cfg.merge:
         merge_adapter(cfg.model, adapter, os.path.join(cfg.output, "merged"))
     return json.loads((Path(adapter) / PROVENANCE_FILE).read_text())
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def read_init_adapter(cfg: FinetuneConfig) -> tuple[dict[str, bytes] | None, dict | None]:
+    """The files of `init_adapter` (sent to the workers) and what its provenance says of it,
+    after checking that it exists and was trained on this run's base model."""
+    if not cfg.init_adapter:
+        return None, None
+    folder = Path(cfg.init_adapter)
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"init_adapter {folder} has no {', '.join(missing)}: give the "
+                                f"adapter/ folder of an earlier fine-tuning run's output")
+    earlier = folder / PROVENANCE_FILE
+    provenance = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    base = provenance.get("base_model")
+    if base is not None and base != cfg.model:
+        raise ValueError(f"init_adapter {folder} was trained on base model {base!r}, this run's "
+                         f"model is {cfg.model!r}: set model to {base!r} or start fresh")
+    if provenance.get("prompt_hash") not in (None, _prompt_provenance(cfg).get("prompt_hash")):
+        log.warning("init_adapter %s was trained on another prompt wording than this run's "
+                    "conditions use; its labels will follow this run's", folder)
+    info = {"path": str(folder.resolve()), "base_model": base, "steps": provenance.get("steps"),
+            "data": provenance.get("data"),
+            "lora": json.loads((folder / "adapter_config.json").read_text())}
+    info["lora"] = {k: info["lora"].get(k) for k in ("r", "lora_alpha", "lora_dropout",
+                                                      "target_modules")}
+    return {name: (folder / name).read_bytes() for name in ADAPTER_FILES}, info
 
 
 def export_adapter(checkpoint, output: str, provenance: dict[str, Any]) -> str:

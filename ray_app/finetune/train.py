@@ -129,14 +129,22 @@ def load_base(model_spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any,
     return model, load_tokenizer(model_spec)
 
 
-def add_lora(model: Any, cfg: FinetuneConfig) -> Any:
-    """Wrap `model` with fresh LoRA layers (seeded: every worker starts identical)."""
-    from peft import LoraConfig, get_peft_model
+def add_lora(model: Any, cfg: FinetuneConfig, start: dict[str, bytes] | None = None) -> Any:
+    """Wrap `model` with LoRA layers: fresh (seeded: every worker starts identical), or the
+    trainable copy of an earlier adapter given as its files' bytes (`start`, read once on the
+    driver so that workers on other nodes need no access to its folder)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     torch.manual_seed(cfg.seed)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    if start:
+        with tempfile.TemporaryDirectory() as folder:
+            for name, data in start.items():
+                (Path(folder) / name).write_bytes(data)
+            model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    else:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -161,13 +169,15 @@ class RunState:
 
 
 def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
-                 heldout: Sequence[TokenisedExample], ctx: WorkerContext) -> RunState:
+                 heldout: Sequence[TokenisedExample], ctx: WorkerContext,
+                 start: dict[str, bytes] | None = None) -> RunState:
     """Train, checkpointing every `checkpoint_every` steps and at the end; resume from the
-    context's checkpoint if it has one. Held-out evaluation before (fresh runs) and after."""
+    context's checkpoint if it has one. Held-out evaluation before (fresh runs) and after.
+    `start`: the files of an adapter to go on training (`init_adapter`), else fresh LoRA."""
     dtype = resolve_dtype(cfg.dtype, ctx.device)
     log.info("worker %d trains on %s in %s", ctx.rank, ctx.device, dtype)
     model, tokenizer = load_base(cfg.model, dtype)
-    model = add_lora(model, cfg)
+    model = add_lora(model, cfg, start)
     state, optimizer_state = _resume(model, ctx)
     peft_model = model
     model = ctx.wrap(model)

@@ -3,11 +3,19 @@ held-out yes/no metrics, ROUGE of generated impressions, gradient checkpointing,
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from synthetic import write_reports
 
 from ray_app.finetune.config import FinetuneConfig
-from ray_app.finetune.ray_job import _prompt_provenance, build_examples, prepare_data
+from ray_app.finetune.ray_job import (
+    PROVENANCE_FILE,
+    _prompt_provenance,
+    build_examples,
+    prepare_data,
+    read_init_adapter,
+)
 from ray_app.labelling.prompts import REPORT_FIRST_TEMPLATE
 from ray_app.finetune.train import (
     LocalContext,
@@ -42,9 +50,9 @@ def data(tmp_path_factory):
     return write_reports(tmp_path_factory.mktemp("reports"), 8)
 
 
-def _train(cfg: FinetuneConfig, tmp_path):
+def _train(cfg: FinetuneConfig, tmp_path, start=None):
     train, heldout, info = prepare_data(cfg, load_tokenizer(cfg.model))
-    return train_worker(cfg, train, heldout, LocalContext(tmp_path)), info
+    return train_worker(cfg, train, heldout, LocalContext(tmp_path), start), info
 
 
 def test_labeller_heldout_metrics_before_and_after(data, tiny_model_dir, tmp_path):
@@ -62,6 +70,31 @@ def test_labeller_heldout_metrics_before_and_after(data, tiny_model_dir, tmp_pat
         assert before["labeller"][condition]["n"] == 8
         assert after["labeller"][condition]["positives"] == 4
         assert 0.0 <= after["labeller"][condition]["auroc"] <= 1.0
+
+
+def test_training_goes_on_from_an_earlier_adapter(data, tiny_model_dir, tmp_path):
+    reports, truth = data
+    settings = dict(mode="labeller", train_input=str(reports), train_labels=str(truth),
+                    eval_input=str(reports), eval_labels=str(truth), model=str(tiny_model_dir),
+                    conditions=["cardiomegaly", "pleural_effusion"], learning_rate=1e-2,
+                    batch_size=4)
+    first, _ = _train(_config(**settings, epochs=3, lora_alpha=32), tmp_path / "first")
+    adapter = sorted((tmp_path / "first").glob("step-*"))[-1] / "adapter"
+    (adapter / PROVENANCE_FILE).write_text(json.dumps({"base_model": str(tiny_model_dir)}))
+
+    cfg = _config(**settings, epochs=1, init_adapter=str(adapter))  # lora_alpha left at 8
+    start, info = read_init_adapter(cfg)
+    second, _ = _train(cfg, tmp_path / "second", start)
+    # The second run starts where the first ended (a fresh LoRA starts at the base model's loss).
+    assert second.eval_before["loss"] == pytest.approx(first.eval_after["loss"], rel=1e-5)
+    assert first.eval_before["loss"] > 1.5 * first.eval_after["loss"]
+    assert info["lora"]["lora_alpha"] == 32 and info["base_model"] == str(tiny_model_dir)
+
+    with pytest.raises(ValueError, match="trained on base model .* set model to"):
+        read_init_adapter(_config(**{**settings, "model": "smollm2-135m-instruct"},
+                                  init_adapter=str(adapter)))
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        read_init_adapter(_config(**settings, init_adapter=str(tmp_path)))
 
 
 def test_labeller_trains_on_the_wording_its_conditions_label_with(data):
