@@ -87,16 +87,36 @@ def test_adapter_changes_scores_and_not_base_weights(runs, tiny_model_dir, tiny_
     adapter = Path(runs[1][0].output) / "adapter"
     assert all("lora_" in key for key in load_file(str(adapter / "adapter_model.safetensors")))
     tuned = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), adapter=str(adapter),
-                                     batch_size=4))
+                                     batch_size=4, merge_adapter=False))
     conversations = _conversations()
     base_scores = tiny_engine.score(conversations)
     tuned_scores = tuned.score(conversations)
     assert max(abs(a - b) for a, b in zip(base_scores, tuned_scores)) > 0.01
     with tuned.model.disable_adapter():  # the base weights under the adapter are untouched
         assert tuned.score(conversations) == pytest.approx(base_scores, abs=1e-5)
+    folded = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir),
+                                      adapter=str(adapter), batch_size=4))  # merged at load
+    assert not any("lora_" in name for name, _ in folded.model.named_parameters())
+    assert folded.score(conversations) == pytest.approx(tuned_scores, abs=1e-5)
     provenance = json.loads((adapter / "training_provenance.json").read_text())
     assert provenance["base_model"] == str(tiny_model_dir) and provenance["mode"] == "summary"
 
     merged = make_engine(EngineConfig(dtype="float32", model=str(Path(runs[1][0].output) / "merged"),
                                       batch_size=4))
     assert merged.score(conversations) == pytest.approx(tuned_scores, abs=1e-4)
+
+
+def test_a_run_goes_on_from_an_earlier_run_s_adapter(runs, tmp_path):
+    """init_adapter through Ray Train: the workers get the adapter's files from the driver."""
+    from dataclasses import replace
+
+    from ray_app.finetune.ray_job import run_finetune
+
+    first_cfg, first = runs[1]
+    cfg = replace(first_cfg, output=str(tmp_path), epochs=1, merge=False,
+                  init_adapter=str(Path(first_cfg.output) / "adapter"))
+    provenance = run_finetune(cfg)
+    assert provenance["eval_before"]["loss"] == pytest.approx(first["eval_after"]["loss"],
+                                                              rel=1e-4)
+    assert provenance["init_adapter"]["steps"] == first["steps"]
+    assert provenance["init_adapter"]["lora"]["r"] == 16
