@@ -16,13 +16,13 @@ from ray_app.finetune.ray_job import (
     prepare_data,
     read_init_adapter,
 )
-from ray_app.labelling.prompts import REPORT_FIRST_TEMPLATE
 from ray_app.finetune.train import (
     LocalContext,
     load_tokenizer,
     make_schedule,
     train_worker,
 )
+from ray_app.labelling.prompts import REPORT_FIRST_TEMPLATE
 
 
 def _config(**overrides) -> FinetuneConfig:
@@ -74,12 +74,12 @@ def test_labeller_heldout_metrics_before_and_after(data, tiny_model_dir, tmp_pat
 
 def test_training_goes_on_from_an_earlier_adapter(data, tiny_model_dir, tmp_path):
     reports, truth = data
-    settings = dict(mode="labeller", train_input=str(reports), train_labels=str(truth),
-                    eval_input=str(reports), eval_labels=str(truth), model=str(tiny_model_dir),
-                    conditions=["cardiomegaly", "pleural_effusion"], learning_rate=1e-2,
-                    batch_size=4)
+    settings = {"mode": "labeller", "train_input": str(reports), "train_labels": str(truth),
+                "eval_input": str(reports), "eval_labels": str(truth),
+                "model": str(tiny_model_dir), "conditions": ["cardiomegaly", "pleural_effusion"],
+                "learning_rate": 1e-2, "batch_size": 4}
     first, _ = _train(_config(**settings, epochs=3, lora_alpha=32), tmp_path / "first")
-    adapter = sorted((tmp_path / "first").glob("step-*"))[-1] / "adapter"
+    adapter = max((tmp_path / "first").glob("step-*")) / "adapter"
     (adapter / PROVENANCE_FILE).write_text(json.dumps({"base_model": str(tiny_model_dir)}))
 
     cfg = _config(**settings, epochs=1, init_adapter=str(adapter))  # lora_alpha left at 8
