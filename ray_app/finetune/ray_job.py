@@ -229,11 +229,10 @@ def read_init_adapter(cfg: FinetuneConfig) -> tuple[dict[str, bytes] | None, dic
     if provenance.get("prompt_hash") not in (None, _prompt_provenance(cfg).get("prompt_hash")):
         log.warning("init_adapter %s was trained on another prompt wording than this run's "
                     "conditions use; its labels will follow this run's", folder)
+    lora = json.loads((folder / "adapter_config.json").read_text())
     info = {"path": str(folder.resolve()), "base_model": base, "steps": provenance.get("steps"),
             "data": provenance.get("data"),
-            "lora": json.loads((folder / "adapter_config.json").read_text())}
-    info["lora"] = {k: info["lora"].get(k) for k in ("r", "lora_alpha", "lora_dropout",
-                                                      "target_modules")}
+            "lora": {k: lora.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}}
     return {name: (folder / name).read_bytes() for name in ADAPTER_FILES}, info
 
 
