@@ -67,6 +67,13 @@ class FinetuneConfig:
     max_length: int = field(default=1024,
                             metadata={"doc": "Longest training sequence in tokens; longer "
                                              "prompts lose their middle, targets are kept."})
+    pad_to_multiple_of: int = field(default=64,
+                                    metadata={"doc": "Pad each micro-batch's length up to a "
+                                                     "multiple of this (1: to its longest "
+                                                     "example only). Few distinct shapes keep "
+                                                     "per-shape kernel caches small: with 1 a "
+                                                     "CPU run slows down and grows over its "
+                                                     "steps (benchmarks/bench_finetune.py)."})
     prompt_head_tokens: int = field(default=64,
                                     metadata={"doc": "Tokens kept at a truncated prompt's start "
                                                      "(chat template, instructions)."})
@@ -124,7 +131,7 @@ class FinetuneConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of 'auto', 'float32', 'bfloat16'")
         if self.max_failures < -1:
             raise ValueError(f"max_failures must be -1 (no limit) or more, got {self.max_failures}")
-        for name in ("batch_size", "grad_accumulation", "epochs", "max_length",
+        for name in ("batch_size", "grad_accumulation", "epochs", "max_length", "pad_to_multiple_of",
                      "checkpoint_every", "num_workers", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

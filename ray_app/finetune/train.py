@@ -191,7 +191,7 @@ def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
     model.train()
     for step in range(state.step, len(schedule.steps)):
         metrics = _optimizer_step(model, optimizer, scheduler, schedule.steps[step], train, pad,
-                                  ctx, dtype)
+                                  ctx, dtype, pad_to_multiple_of=cfg.pad_to_multiple_of)
         state.step = step + 1
         metrics.update(step=state.step, epoch=schedule.epoch_of_step[step])
         _log_step(cfg, state, metrics, len(schedule.steps), ctx)
@@ -221,11 +221,13 @@ def _optimizer(model: Any, cfg: FinetuneConfig, saved: dict | None):
 
 def _optimizer_step(model, optimizer, scheduler, micro_batches: list[list[int]],
                     train: Sequence[TokenisedExample], pad: int, ctx: WorkerContext,
-                    dtype: torch.dtype, loss_of: Callable = target_loss) -> dict[str, Any]:
+                    dtype: torch.dtype, loss_of: Callable = target_loss,
+                    pad_to_multiple_of: int = 1) -> dict[str, Any]:
     started = time.perf_counter()
     loss_total, tokens = 0.0, 0
     for i, indices in enumerate(micro_batches):
-        batch = {k: v.to(ctx.device) for k, v in collate([train[j] for j in indices], pad).items()}
+        examples = [train[j] for j in indices]
+        batch = {k: v.to(ctx.device) for k, v in collate(examples, pad, pad_to_multiple_of).items()}
         tokens += int(batch["attention_mask"].sum())
         # Gradients are all-reduced on the last micro-batch only.
         sync = (model.no_sync() if hasattr(model, "no_sync") and i < len(micro_batches) - 1

@@ -77,7 +77,8 @@ def test_training_goes_on_from_an_earlier_adapter(data, tiny_model_dir, tmp_path
     settings = {"mode": "labeller", "train_input": str(reports), "train_labels": str(truth),
                 "eval_input": str(reports), "eval_labels": str(truth),
                 "model": str(tiny_model_dir), "conditions": ["cardiomegaly", "pleural_effusion"],
-                "learning_rate": 1e-2, "batch_size": 4}
+                "learning_rate": 1e-2, "batch_size": 4,
+                "lora_dropout": 0.0}  # at this rate, some dropout draws diverge
     first, _ = _train(_config(**settings, epochs=3, lora_alpha=32), tmp_path / "first")
     adapter = max((tmp_path / "first").glob("step-*")) / "adapter"
     (adapter / PROVENANCE_FILE).write_text(json.dumps({"base_model": str(tiny_model_dir)}))
@@ -95,6 +96,43 @@ def test_training_goes_on_from_an_earlier_adapter(data, tiny_model_dir, tmp_path
                                   init_adapter=str(adapter)))
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
         read_init_adapter(_config(**settings, init_adapter=str(tmp_path)))
+
+
+def test_training_pads_batches_to_the_multiple_without_changing_the_loss(
+        data, tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    from ray_app.finetune import train as train_module
+
+    reports, truth = data
+    widths = []
+    collate = train_module.collate
+
+    def recording(examples, pad, multiple=None):
+        batch = collate(examples, pad, multiple)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(train_module, "collate", recording)
+    cfg = _config(mode="labeller", train_input=str(reports), train_labels=str(truth),
+                  model=str(tiny_model_dir), conditions=["cardiomegaly", "pleural_effusion"],
+                  epochs=1, batch_size=4, max_steps=1, pad_to_multiple_of=64)
+    train, _, _ = prepare_data(cfg, load_tokenizer(cfg.model))
+    _train(cfg, tmp_path)
+    assert widths and all(w % 64 == 0 for w in widths)  # the job passes its setting
+
+    losses = {}
+    for multiple in (1, 64):  # the same step from the same seeded LoRA: the padding is masked
+        model, tokenizer = train_module.load_base(cfg.model)
+        model = train_module.add_lora(model, cfg)
+        optimizer, scheduler = train_module._optimizer(model, cfg, None)
+        step = train_module.make_schedule(len(train), cfg, 0, 1).steps[0]
+        losses[multiple] = train_module._optimizer_step(
+            model, optimizer, scheduler, step, train, train_module.pad_id(tokenizer),
+            LocalContext(tmp_path), torch.float32, pad_to_multiple_of=multiple)["loss"]
+    longest, padded = widths[-2:]
+    assert padded % 64 == 0 and longest < padded < longest + 64
+    assert losses[64] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_labeller_trains_on_the_wording_its_conditions_label_with(data):
@@ -128,8 +166,8 @@ def test_bf16_base_with_fp32_lora_weights_learns(data, tiny_model_dir, tmp_path,
     kept = {}
     add_lora = train_module.add_lora
 
-    def keep_model(model, cfg):
-        kept["model"] = add_lora(model, cfg)
+    def keep_model(model, cfg, start=None):
+        kept["model"] = add_lora(model, cfg, start)
         return kept["model"]
 
     monkeypatch.setattr(train_module, "add_lora", keep_model)
