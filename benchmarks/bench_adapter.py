@@ -19,11 +19,11 @@ import logging
 import tempfile
 import time
 
-import pandas as pd
 import torch
 
 from ray_app.engines import EngineConfig
 from ray_app.engines.transformers_engine import TransformersEngine
+from ray_app.finetune.datasets import read_reports
 from ray_app.labelling.conditions import load_conditions
 from ray_app.labelling.labeller import Labeller, ReportTask
 from ray_app.pipeline.embedded_default import sample_file
@@ -46,10 +46,9 @@ def random_adapter(model: str, folder: str) -> str:
     return folder
 
 
-def read_reports(path: str | None, n: int) -> list[ReportTask]:
-    table = pd.read_csv(path or sample_file("spine_reports.csv"), dtype=str)
-    ids = table["report_id"] if "report_id" in table else [f"r{i}" for i in range(len(table))]
-    return [ReportTask(str(i), t) for i, t in list(zip(ids, table["text"]))[:n]]
+def first_reports(path: str | None, n: int) -> list[ReportTask]:
+    table = read_reports(path or sample_file("spine_reports.csv"), "report_id", "text", limit=n)
+    return [ReportTask(i, t) for i, t in zip(table["report_id"], table["text"])]
 
 
 def main() -> None:
@@ -74,7 +73,7 @@ def main() -> None:
                                                      batch_size=args.batch_size, adapter=adapter,
                                                      merge_adapter=merge))
             labellers[merge] = Labeller(engine, load_conditions(args.conditions), "direct")
-        reports = read_reports(args.reports_csv, args.reports)
+        reports = first_reports(args.reports_csv, args.reports)
         seconds = {False: 0.0, True: 0.0}
         scores = {}
         for _ in range(args.repeats):
