@@ -7,6 +7,8 @@ import functools
 import inspect
 import json
 import logging
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -51,6 +53,8 @@ class TransformersEngine(Engine):
         self.formatter = ChatFormatter(self.tokenizer)
         self.model = self._load_model()
         self.stop_ids = self.formatter.stop_token_ids()
+        self._preamble_tokens: dict[str, list[int]] = {}
+        self._preambles: OrderedDict[tuple[int, ...], list] = OrderedDict()
 
     @property
     def model_id(self) -> str:
@@ -91,25 +95,72 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
-        """Scores in input order. Consecutive conversations that share a long prefix (one
-        report's level questions; with report-first wording, all of a report's questions) run
-        that prefix once and reuse its KV cache."""
-        encoded = [self.formatter.token_ids(c) for c in conversations]
+        """Scores in input order. A system message's preamble (the part before the report that
+        is the same for every report of a run: prompts._system) runs once and its KV cache is
+        kept for later calls. Consecutive conversations that share a long prefix (one report's
+        level questions; with report-first wording, all of a report's questions) run that prefix
+        once and reuse its KV cache."""
+        texts = [self.formatter.render(c) for c in conversations]
+        encoded = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         scores = [0.0] * len(encoded)
-        groups = shared_prefix_groups(encoded, self.config.min_shared_prefix,
-                                      first_messages(conversations))
-        singles = [g[0] for g in groups if len(g) == 1]
-        for indices in self._length_batches(singles, encoded):
-            self._score_padded(indices, encoded, scores)
-        # Keep at least one token of each member out of the prefix: its logits are the answer.
+        keys = first_messages(conversations)
+        parts: dict[tuple[int, ...], list[int]] = {}
+        for i, (conversation, text) in enumerate(zip(conversations, texts)):
+            parts.setdefault(self._preamble(conversation, text, encoded[i]), []).append(i)
+        for preamble, indices in parts.items():
+            self._score_part(indices, encoded, [keys[i] for i in indices], preamble, scores)
+        return scores
+
+    def _preamble(self, conversation: Conversation, text: str, ids: list[int]) -> tuple[int, ...]:
+        """The tokens of the conversation's preamble (empty if it has none, or a short one).
+        Decided by the conversation alone, never by what else is in the call, so that a score
+        does not depend on its batch (in bf16 a prefix run apart rounds differently)."""
+        first = conversation[0] if conversation else {}
+        chars = first.get("preamble", 0)
+        start = text.find(first.get("content", "")) if chars else -1
+        if start < 0:
+            return ()
+        head = text[: start + chars]
+        if head not in self._preamble_tokens:
+            self._preamble_tokens[head] = self.tokenizer.encode(head, add_special_tokens=False)
+        n = _common_prefix_len([self._preamble_tokens[head], ids])
+        return tuple(ids[:n]) if n >= self.config.min_shared_prefix and n < len(ids) else ()
+
+    def _preamble_cache(self, preamble: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of a preamble, per layer, batch 1; the last few are kept (a run has
+        one; a Serve replica asked with several condition sets has one per set)."""
+        if preamble in self._preambles:
+            self._preambles.move_to_end(preamble)
+            return self._preambles[preamble]
+        ids = torch.tensor([list(preamble)], device=self.device)
+        positions = torch.arange(len(preamble), device=self.device)[None, :]
+        cache = returned_cache(self._forward(ids, torch.ones_like(ids), positions))
+        self._preambles[preamble] = [(layer.keys, layer.values) for layer in cache.layers]
+        while len(self._preambles) > _KEPT_PREAMBLES:
+            self._preambles.popitem(last=False)
+        return self._preambles[preamble]
+
+    def _score_part(self, indices: list[int], encoded: list[list[int]], keys: list[str],
+                    preamble: tuple[int, ...], scores: list[float]) -> None:
+        """Score conversations `indices` (all with this preamble) into `scores`."""
+        base = _Base(len(preamble), self._preamble_cache(preamble) if preamble else [])
+        part = [encoded[i] for i in indices]
+        groups = [[indices[k] for k in g]
+                  for g in shared_prefix_groups(part, self.config.min_shared_prefix, keys)]
+        # Keep at least one token of each member out of the prefix: its logits are the answer;
+        # and at least one token of the prefix out of the preamble.
         shared = [(g, min(_common_prefix_len([encoded[i] for i in g]),
                           min(len(encoded[i]) for i in g) - 1)) for g in groups if len(g) > 1]
+        singles = [g[0] for g in groups if len(g) == 1]
+        singles += [i for g, n in shared if n <= base.length for i in g]
+        shared = [(g, n) for g, n in shared if n > base.length]
+        for batch in self._length_batches(singles, encoded):
+            self._score_padded(batch, encoded, scores, base)
         # Similar prefix lengths together: left padding of a short prefix is wasted compute.
         shared.sort(key=lambda entry: entry[1])
         size = self.config.batch_size
         for start in range(0, len(shared), size):
-            self._score_shared(shared[start : start + size], encoded, scores)
-        return scores
+            self._score_shared(shared[start : start + size], encoded, scores, base)
 
     def _length_batches(self, indices: list[int], encoded: list[list[int]], size: int | None = None):
         """Batches of similar length, so little compute goes to padding."""
@@ -117,14 +168,29 @@ class TransformersEngine(Engine):
         size = size or self.config.batch_size
         return [order[s : s + size] for s in range(0, len(order), size)]
 
-    def _score_padded(self, indices: list[int], encoded: list[list[int]], out: list[float]):
-        input_ids, mask = self._pad([encoded[i] for i in indices])
-        out_logits = self._forward(input_ids, mask, left_padded_positions(mask)).logits[:, -1, :]
-        for i, value in zip(indices, yes_scores(out_logits, self.formatter.answer_tokens).tolist()):
+    def _score_padded(self, indices: list[int], encoded: list[list[int]], out: list[float],
+                      base: _Base):
+        input_ids, mask = self._pad([encoded[i][base.length:] for i in indices])
+        logits = self._forward_on(base, input_ids, mask).logits[:, -1, :]
+        for i, value in zip(indices, yes_scores(logits, self.formatter.answer_tokens).tolist()):
             out[i] = value
 
+    def _forward_on(self, base: _Base, input_ids: torch.Tensor, mask: torch.Tensor):
+        """A left-padded pass that continues the preamble `base` (none: a plain pass); the
+        padding then sits between the preamble and each row's tokens, masked."""
+        positions = base.length + left_padded_positions(mask)
+        if not base.length:
+            return self._forward(input_ids, mask, positions)
+        rows = input_ids.shape[0]
+        cache = DynamicCache(config=self.model.config)
+        for layer_index, (keys, values) in enumerate(base.layers):
+            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1),
+                         layer_index)
+        full_mask = torch.cat([mask.new_ones(rows, base.length), mask], dim=1)
+        return self._forward(input_ids, full_mask, positions, cache=cache)
+
     def _score_shared(self, groups: list[tuple[list[int], int]], encoded: list[list[int]],
-                      out: list[float]):
+                      out: list[float], base: _Base):
         """(group, prefix length) pairs, at most batch_size of them, sorted by prefix length:
         each prefix once, then the members' suffixes on copies of their prefix's KV cache.
 
@@ -143,11 +209,11 @@ class TransformersEngine(Engine):
         values: list[list[torch.Tensor]] = []
         masks = []
         for run in _similar_length_runs(prefix_lens):
-            prefix_ids, prefix_mask = self._pad([encoded[groups[k][0][0]][: prefix_lens[k]]
-                                                 for k in run])
-            cache = returned_cache(self._forward(prefix_ids, prefix_mask,
-                                                 left_padded_positions(prefix_mask)))
-            pad = width - prefix_ids.shape[1]
+            prefix_ids, prefix_mask = self._pad(
+                [encoded[groups[k][0][0]][base.length : prefix_lens[k]] for k in run])
+            cache = returned_cache(self._forward_on(base, prefix_ids, prefix_mask))
+            prefix_mask = torch.cat([prefix_mask.new_ones(len(run), base.length), prefix_mask], 1)
+            pad = width - prefix_mask.shape[1]
             if not keys:
                 keys, values = [[] for _ in cache.layers], [[] for _ in cache.layers]
             for layer_index, layer in enumerate(cache.layers):
@@ -298,8 +364,21 @@ class TransformersEngine(Engine):
 
     def close(self) -> None:
         self.model = None
+        self._preambles.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# Preamble KV caches an engine keeps (Qwen-1.5B: 28 KB a token in bf16, ~20 MB for 9 definitions).
+_KEPT_PREAMBLES = 4
+
+
+@dataclass(frozen=True)
+class _Base:
+    """A preamble's length and its keys and values per layer (batch 1); length 0: none."""
+
+    length: int
+    layers: list
 
 
 @contextlib.contextmanager

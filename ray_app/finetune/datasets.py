@@ -167,6 +167,7 @@ def labeller_examples(reports: pd.DataFrame, labels: pd.DataFrame,
                       ) -> tuple[list[TextExample], BuildReport]:
     """Instruction-tuned labeller: the labelling job's direct-query conversation (sections
     dropped as the condition says) with the human label as the answer, `yes` or `no`."""
+    template = prompts.bind_conditions(template, conditions)
     report, examples = BuildReport(), []
     by_report = _labels_by_report(labels, {c.name for c in conditions})
     known = {c.name: c for c in conditions}

@@ -277,10 +277,11 @@ def _prompt_provenance(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.mode != "labeller":
         return {}
     from ray_app.labelling.conditions import load_conditions
-    from ray_app.labelling.prompts import conditions_prompt
+    from ray_app.labelling.prompts import bind_conditions, conditions_prompt
 
     conditions = load_conditions(cfg.conditions)
-    return {"prompt_hash": conditions_prompt(conditions).template_hash("direct"),
+    template = bind_conditions(conditions_prompt(conditions), conditions)
+    return {"prompt_hash": template.template_hash("direct"),
             "definition_hashes": {c.name: c.definition_hash() for c in conditions}}
 
 

@@ -75,8 +75,8 @@ class Labeller:
         self.engine = engine
         self.conditions = {c.name: c for c in conditions}
         self.method = method
-        self.template = template
-        self.prompt_hash = template.template_hash(method)
+        self.template = prompts.bind_conditions(template, conditions)
+        self.prompt_hash = self.template.template_hash(method)
         self.calibration = calibration
         if calibration is not None:
             for c in conditions:

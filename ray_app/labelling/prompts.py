@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import yaml
 
@@ -19,7 +19,8 @@ from ray_app.labelling.conditions import Condition, FewShotExample
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
+# role, content and, on a system message, optionally `preamble` (an int: see _system)
+Message = dict[str, Any]
 Conversation = list[Message]
 
 METHODS = ("direct", "summary")
@@ -34,7 +35,8 @@ class PromptTemplate:
             "You are a radiologist. Your job is to diagnose {condition} using a medical report. "
             "Tell the truth and answer as precisely as possible.\nReport: {report}"
         ),
-        metadata={"doc": "System message; holds the report."},
+        metadata={"doc": "System message; holds the report, and may hold {definitions}: every "
+                         "condition of the run, one per line (definitions_first)."},
     )
     direct_question: str = field(
         default=(
@@ -83,10 +85,44 @@ REPORT_FIRST_TEMPLATE = PromptTemplate(
     name="report_first",
 )
 
+# Definitions first: the system message holds the role and the definitions of every condition
+# of the run, then the report; each question names its condition only. Everything before the
+# report is the same for every report of a run (engines compute it once per run: a preamble),
+# and what follows the report is a short question, so k conditions cost the report once and k
+# short questions. A condition's prompt then depends on the other conditions of the run: their
+# definitions are in the prompt hash (bind_conditions), so a calibration made with another set
+# is refused.
+DEFINITIONS_FIRST_TEMPLATE = PromptTemplate(
+    system=(
+        "You are a radiologist. You will read a medical report and be asked about one condition "
+        "at a time, as defined here:\n{definitions}\nTell the truth and answer as precisely as "
+        "possible.\nReport: {report}"
+    ),
+    direct_question=(
+        "Based on the report, does the patient have {condition}{at_level}? "
+        "Answer 'yes' for yes, 'no' for no."
+    ),
+    summary_question="Based on your summary, does the patient have {condition}{at_level}?",
+    name="definitions_first",
+)
+
 # Variants selectable by name wherever a prompt file is accepted (--prompt report_first).
 BUILTIN_TEMPLATES: dict[str, PromptTemplate] = {
-    t.name: t for t in (DEFAULT_TEMPLATE, REPORT_FIRST_TEMPLATE)
+    t.name: t for t in (DEFAULT_TEMPLATE, REPORT_FIRST_TEMPLATE, DEFINITIONS_FIRST_TEMPLATE)
 }
+
+
+def bind_conditions(template: PromptTemplate, conditions: Sequence[Condition]) -> PromptTemplate:
+    """The template with `{definitions}` filled in: one line per condition, sorted by name, so
+    that the order conditions were named in does not change a score. The filled text is part of
+    the template, hence of its hash. A template without the placeholder comes back unchanged
+    (binding twice is harmless)."""
+    if "{definitions}" not in template.system:
+        return template
+    lines = "\n".join(f"- {c.prompt_name}: {c.definition}"
+                      for c in sorted(conditions, key=lambda c: c.name))
+    escaped = lines.replace("{", "{{").replace("}", "}}")  # the rest is formatted per report
+    return replace(template, system=template.system.replace("{definitions}", escaped))
 
 
 def conditions_prompt(conditions: Sequence[Condition]) -> PromptTemplate:
@@ -104,7 +140,7 @@ def conditions_prompt(conditions: Sequence[Condition]) -> PromptTemplate:
 
 # The placeholders each field may use; anything else is a typo that would fail on every report.
 _PLACEHOLDERS = {
-    "system": {"condition", "report"},
+    "system": {"condition", "report", "definitions"},
     "direct_question": {"definition", "condition", "at_level"},
     "summary_request": {"condition"},
     "summary_question": {"definition", "condition", "at_level"},
@@ -172,8 +208,28 @@ def load_prompt(path: str | Path, name: str | None = None) -> PromptTemplate:
 
 
 def _system(template: PromptTemplate, condition: Condition, report: str) -> Message:
+    """The system message; with `preamble`, the number of its leading characters that are the
+    same for every report of a run, which an engine may compute once (see `preamble_chars`)."""
+    if "{definitions}" in template.system:
+        raise PromptError(f"prompt {template.name!r} has {{definitions}} unfilled: bind it to the "
+                          "run's conditions first (prompts.bind_conditions)")
     text = template.system.format(condition=condition.prompt_name, report=report)
-    return {"role": "system", "content": text}
+    message = {"role": "system", "content": text}
+    shared = preamble_chars(template)
+    if shared:
+        message["preamble"] = shared
+    return message
+
+
+def preamble_chars(template: PromptTemplate) -> int:
+    """How many leading characters of the system message are the same for every report: the
+    text before the report up to its last line break, when it names no condition (a line break
+    ends a token in every tokenizer we use, so the preamble's tokens are a prefix of the
+    prompt's). 0 when there is none."""
+    head = template.system.split("{report}")[0]
+    if "{condition}" in head or "\n" not in head:
+        return 0
+    return len(head[: head.rindex("\n") + 1].format())
 
 
 def _question(text: str, template: PromptTemplate, condition: Condition, level: str | None) -> str:

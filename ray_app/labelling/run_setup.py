@@ -21,6 +21,7 @@ from ray_app.labelling.labeller import Labeller
 from ray_app.labelling.prompts import (
     DEFAULT_TEMPLATE,
     PromptTemplate,
+    bind_conditions,
     conditions_prompt,
     load_prompt,
 )
@@ -50,8 +51,8 @@ class RunSetup:
                                  text_column, s3_endpoint)
         return cls(method=method, conditions=tuple(few_shot.bind_pool(loaded, pool)),
                    engine=engine,
-                   template=(load_prompt(prompt, prompt_name) if prompt
-                             else conditions_prompt(loaded)),
+                   template=bind_conditions(load_prompt(prompt, prompt_name) if prompt
+                                            else conditions_prompt(loaded), loaded),
                    calibration=Calibration.load(calibration) if calibration else None,
                    pool=pool)
 
@@ -79,7 +80,7 @@ class RunSetup:
     def prompt_hash(self) -> str:
         if self.uses_rules:
             return rules.rules_hash(self.conditions)
-        return self.template.template_hash(self.method)
+        return bind_conditions(self.template, self.conditions).template_hash(self.method)
 
     def scoring(self) -> dict[str, Any]:
         """Engine settings that move scores without changing the model id: a run resumed with

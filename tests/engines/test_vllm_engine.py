@@ -164,6 +164,30 @@ def test_report_first_prompts_hit_the_prefix_cache(vllm_engine, tiny_engine):
 
 
 @pytest.mark.vllm
+def test_definitions_first_prompts_reuse_the_preamble_across_reports(vllm_engine, tiny_engine):
+    """Definitions-first wording: the definitions of every condition come before the report,
+    so each report's prompt reuses the preamble's KV blocks that the first report left."""
+    conditions = [load_condition(n) for n in ("atelectasis", "cardiomegaly", "fracture",
+                                              "pleural_effusion", "pneumothorax")]
+    template = prompts.bind_conditions(prompts.DEFINITIONS_FIRST_TEMPLATE, conditions)
+    reports = [f"FINDINGS: Preamble test {i}: mild cardiomegaly, no effusion." for i in range(3)]
+    conversations = [prompts.direct_conversation(template, conditions[i], r)
+                     for i, r in enumerate(reports)]
+    texts = [tiny_engine.formatter.render(c) for c in conversations]
+    encoded = [tiny_engine.formatter.token_ids(c) for c in conversations]
+    preamble = tiny_engine._preamble(conversations[0], texts[0], encoded[0])
+    block = vllm_engine.llm.llm_engine.vllm_config.cache_config.block_size
+    assert len(preamble) >= 4 * block, "the definitions should fill several KV blocks"
+
+    first = vllm_engine.score(conversations[:1])
+    cached = vllm_engine.cached_prompt_tokens
+    rest = [vllm_engine.score([c])[0] for c in conversations[1:]]
+    # Every later report reuses at least the full blocks of the preamble.
+    assert vllm_engine.cached_prompt_tokens - cached >= 2 * (len(preamble) // block) * block
+    assert first + rest == pytest.approx(tiny_engine.score(conversations), abs=TOLERANCE)
+
+
+@pytest.mark.vllm
 def test_generate_matches_transformers_engine(vllm_engine, tiny_engine):
     got = vllm_engine.generate(CONVERSATIONS)
     expected = tiny_engine.generate(CONVERSATIONS)
