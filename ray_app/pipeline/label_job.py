@@ -55,9 +55,10 @@ class LabelJobConfig:
     calibration: str | None = field(default=None, metadata={"doc": "Calibration JSON: adds labels."})
     prompt: str | None = field(
         default=None, metadata={"doc": "YAML prompt variant(s), or a built-in variant's name: "
-                                "'paper' or 'report_first' (the report before the condition: one "
-                                "shared prefill per report); None: the one the conditions' YAMLs "
-                                "ask for (report_first for the chest X-ray ones), else paper."})
+                                "'paper', 'report_first' (the report before the condition: one "
+                                "shared prefill per report) or 'definitions_first' (every "
+                                "condition's definition before the report, computed once per "
+                                "run); None: the one the conditions' YAMLs ask for, else paper."})
     prompt_name: str | None = field(
         default=None, metadata={"doc": "Which variant of a --prompt file with several."})
     few_shot_pool: str | None = field(default=None, metadata={

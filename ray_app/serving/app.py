@@ -59,7 +59,8 @@ class AppArgs(BaseModel):
         False, description="Answer conditions the calibration lacks with scores only (no label); "
                            "otherwise they are refused with 422.")
     prompt: str | None = Field(
-        None, description="YAML prompt variant(s), or a built-in: 'paper', 'report_first'; "
+        None, description="YAML prompt variant(s), or a built-in: 'paper', 'report_first', "
+        "'definitions_first'; "
         "None: the one the conditions' YAMLs ask for, else 'paper'.")
     prompt_name: str | None = Field(None, description="Variant of a --prompt file with several.")
     few_shot_pool: str | None = Field(

@@ -4,6 +4,7 @@ held-out yes/no metrics, ROUGE of generated impressions, gradient checkpointing,
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from synthetic import write_reports
@@ -22,7 +23,12 @@ from ray_app.finetune.train import (
     make_schedule,
     train_worker,
 )
-from ray_app.labelling.prompts import REPORT_FIRST_TEMPLATE
+from ray_app.labelling.conditions import load_conditions
+from ray_app.labelling.prompts import (
+    DEFINITIONS_FIRST_TEMPLATE,
+    REPORT_FIRST_TEMPLATE,
+    bind_conditions,
+)
 
 
 def _config(**overrides) -> FinetuneConfig:
@@ -136,9 +142,18 @@ def test_training_pads_batches_to_the_multiple_without_changing_the_loss(
 
 
 def test_labeller_trains_on_the_wording_its_conditions_label_with(data):
-    reports, truth = data  # chest conditions: their YAMLs ask for report_first
+    reports, truth = data  # chest conditions: their YAMLs ask for definitions_first
     cfg = _config(mode="labeller", train_input=str(reports), train_labels=str(truth),
                   conditions=["cardiomegaly", "pleural_effusion"])
+    conditions = load_conditions(cfg.conditions)
+    bound = bind_conditions(DEFINITIONS_FIRST_TEMPLATE, conditions)
+    examples, _ = build_examples(cfg, str(reports), str(truth))
+    system = examples[0].prompt[0]["content"]
+    assert all(c.definition in system for c in conditions)  # the definitions bound
+    assert system.startswith(bound.system.split("{report}")[0])
+    assert _prompt_provenance(cfg)["prompt_hash"] == bound.template_hash("direct")
+    # Another wording by name (--prompt): the examples and the provenance follow it.
+    cfg = replace(cfg, prompt="report_first")
     examples, _ = build_examples(cfg, str(reports), str(truth))
     system = examples[0].prompt[0]["content"]
     assert system.startswith(REPORT_FIRST_TEMPLATE.system.split("{report}")[0])

@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 
 from ray_app.engines import EngineConfig
-from ray_app.labelling.conditions import ConditionError
-from ray_app.labelling.prompts import DEFAULT_TEMPLATE, REPORT_FIRST_TEMPLATE
+from ray_app.labelling.conditions import ConditionError, load_conditions
+from ray_app.labelling.prompts import (
+    DEFAULT_TEMPLATE,
+    DEFINITIONS_FIRST_TEMPLATE,
+    REPORT_FIRST_TEMPLATE,
+    bind_conditions,
+)
 from ray_app.labelling.run_setup import RunSetup
 from ray_app.pipeline import report_tables as tables
 from ray_app.pipeline.label_job import ResumeError, check_resume
@@ -45,7 +50,8 @@ def _wording(conditions, prompt=None):
 
 def test_a_run_naming_no_prompt_takes_the_wording_its_conditions_ask_for(tmp_path, caplog):
     chest = ["cardiomegaly", "pleural_effusion", "atelectasis", "fracture", "pneumothorax"]
-    assert _wording(chest) is REPORT_FIRST_TEMPLATE  # measured better on Open-i (README)
+    # measured better on Open-i (README); bound to the run's definitions
+    assert _wording(chest) == bind_conditions(DEFINITIONS_FIRST_TEMPLATE, load_conditions(chest))
     assert _wording(["spinal_cancer", "disc_herniation"]) is DEFAULT_TEMPLATE
     assert _wording(chest, prompt="paper") is DEFAULT_TEMPLATE  # --prompt wins
     mine = tmp_path / "mine.yaml"
@@ -57,7 +63,8 @@ def test_a_run_naming_no_prompt_takes_the_wording_its_conditions_ask_for(tmp_pat
 def test_a_condition_asking_for_an_unknown_prompt_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ndefinition: Bad is a finding.\nprompt: my_prompts.yaml\n")
-    with pytest.raises(ConditionError, match="built-in prompt variant .*paper, report_first"):
+    with pytest.raises(ConditionError,
+                       match="built-in prompt variant .*paper, report_first, definitions_first"):
         _wording([str(bad)])
 
 
