@@ -9,6 +9,9 @@ from pathlib import Path
 
 import ray_app
 
+# Beside a fine-tuned adapter's weights: what it was trained on (ray_app.finetune.ray_job).
+ADAPTER_PROVENANCE = "training_provenance.json"
+
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:

@@ -146,7 +146,7 @@ class TransformersEngine(Engine):
     def _score_part(self, indices: list[int], encoded: list[list[int]], keys: list[str],
                     preamble: tuple[int, ...], scores: list[float]) -> None:
         """Score conversations `indices` (all with this preamble) into `scores`."""
-        base = _Base(len(preamble), self._preamble_cache(preamble) if preamble else [])
+        base = _PreambleKV(len(preamble), self._preamble_cache(preamble) if preamble else [])
         part = [encoded[i] for i in indices]
         groups = [[indices[k] for k in g]
                   for g in shared_prefix_groups(part, self.config.min_shared_prefix, keys)]
@@ -172,13 +172,13 @@ class TransformersEngine(Engine):
         return [order[s : s + size] for s in range(0, len(order), size)]
 
     def _score_padded(self, indices: list[int], encoded: list[list[int]], out: list[float],
-                      base: _Base):
+                      base: _PreambleKV):
         input_ids, mask = self._pad([encoded[i][base.length:] for i in indices])
         logits = self._forward_on(base, input_ids, mask).logits[:, -1, :]
         for i, value in zip(indices, yes_scores(logits, self.formatter.answer_tokens).tolist()):
             out[i] = value
 
-    def _forward_on(self, base: _Base, input_ids: torch.Tensor, mask: torch.Tensor):
+    def _forward_on(self, base: _PreambleKV, input_ids: torch.Tensor, mask: torch.Tensor):
         """A left-padded pass that continues the preamble `base` (none: a plain pass); the
         padding then sits between the preamble and each row's tokens, masked."""
         positions = base.length + left_padded_positions(mask)
@@ -193,7 +193,7 @@ class TransformersEngine(Engine):
         return self._forward(input_ids, full_mask, positions, cache=cache)
 
     def _score_shared(self, groups: list[tuple[list[int], int]], encoded: list[list[int]],
-                      out: list[float], base: _Base):
+                      out: list[float], base: _PreambleKV):
         """(group, prefix length) pairs, at most batch_size of them, sorted by prefix length:
         each prefix once, then the members' suffixes on copies of their prefix's KV cache.
 
@@ -377,7 +377,7 @@ _KEPT_PREAMBLES = 4
 
 
 @dataclass(frozen=True)
-class _Base:
+class _PreambleKV:
     """A preamble's length and its keys and values per layer (batch 1); length 0: none."""
 
     length: int

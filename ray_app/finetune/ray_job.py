@@ -23,11 +23,11 @@ from ray_app.finetune.masking import TokenisedExample, tokenise_all
 from ray_app.finetune.train import ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE, train_worker
 from ray_app.pipeline import placement
 from ray_app.pipeline.ray_session import ensure_ray
-from ray_app.provenance import code_version, utc_now
+from ray_app.provenance import ADAPTER_PROVENANCE, code_version, utc_now
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_FILE = "training_provenance.json"
+PROVENANCE_FILE = ADAPTER_PROVENANCE
 
 
 def build_examples(cfg: FinetuneConfig, reports_uri: str, labels_uri: str | None
@@ -274,7 +274,11 @@ def merge_adapter(model_spec: str, adapter: str, target: str) -> None:
 def labeller_prompt(cfg: FinetuneConfig, conditions: Sequence[Any]):
     """The labeller's wording, as the label job would pick it (`prompt`, else the one the
     conditions ask for), bound to these conditions."""
-    from ray_app.labelling.prompts import bind_conditions, conditions_prompt, load_prompt
+    from ray_app.labelling.prompts import (
+        bind_conditions,
+        conditions_prompt,
+        load_prompt,
+    )
 
     template = load_prompt(cfg.prompt) if cfg.prompt else conditions_prompt(conditions)
     return bind_conditions(template, conditions)

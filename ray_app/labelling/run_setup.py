@@ -7,7 +7,9 @@ Serve app builds its labeller from one too. Plain Python, no Ray.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from ray_app.engines import EngineConfig, make_engine
@@ -19,12 +21,14 @@ from ray_app.labelling import rule_baseline as rules
 from ray_app.labelling.conditions import Condition, load_conditions
 from ray_app.labelling.labeller import Labeller
 from ray_app.labelling.prompts import (
+    BUILTIN_TEMPLATES,
     DEFAULT_TEMPLATE,
     PromptTemplate,
     bind_conditions,
     conditions_prompt,
     load_prompt,
 )
+from ray_app.provenance import ADAPTER_PROVENANCE
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,31 @@ class RunSetup:
             "calibration_id": self.calibration.calibration_id if self.calibration else None,
             **few_shot.manifest_entry(self.conditions, self.pool),
         }
+
+    def adapter_mismatch(self) -> str | None:
+        """How the engine's adapter was trained on another prompt or other definitions than
+        this run's (from its training provenance, when the folder is local), or None. An adapter
+        learns its prompt: labelled with another, its scores are not the ones it was measured
+        with (a chest adapter trained before definitions_first became their default, say)."""
+        adapter = None if self.uses_rules else self.engine.adapter
+        path = Path(adapter) / ADAPTER_PROVENANCE if adapter else None
+        if path is None or not path.is_file():
+            return None
+        trained = json.loads(path.read_text())
+        problems = []
+        if trained.get("prompt_hash") not in (None, self.prompt_hash):
+            named = [name for name, t in BUILTIN_TEMPLATES.items()
+                     if bind_conditions(t, self.conditions).template_hash(self.method)
+                     == trained["prompt_hash"]]
+            problems.append(f"it was trained on prompt {trained['prompt_hash']}, this run uses "
+                            f"{self.prompt_hash}" + (f" (pass --prompt {named[0]})" if named else
+                                                     " (pass the --prompt it was trained on)"))
+        ours = {c.name: c.definition_hash() for c in self.conditions}
+        changed = sorted(name for name, value in (trained.get("definition_hashes") or {}).items()
+                         if name in ours and ours[name] != value)
+        if changed:
+            problems.append(f"the definitions of {changed} changed since it was trained")
+        return "; ".join(problems) or None
 
     def check_calibration(self) -> None:
         """Refuse a calibration made for another model, prompt or definition before any work

@@ -364,6 +364,10 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
     for column in (cfg.id_column, cfg.text_column):  # fail fast on a bad input or column,
         tables.require_column(src, fmt, column, cfg.encoding)  # before the output is written
     setup.check_calibration()
+    mismatch = setup.adapter_mismatch()
+    if mismatch:
+        log.warning("adapter %s: %s; its scores may not be the ones it was measured with",
+                    setup.engine.adapter, mismatch)
     check_resume(out, setup.identity())
     state = resume.finished_state(out)
     scan = resume.scan_ids(lambda: tables.iter_column(src, fmt, cfg.id_column, cfg.encoding),

@@ -3,6 +3,8 @@ against an output folder's manifest before any work starts."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ray_app.engines import EngineConfig
@@ -85,3 +87,27 @@ def test_a_folder_from_before_engine_settings_were_recorded_still_resumes(tmp_pa
     tables.write_manifest(out, old)
     check_resume(out, _setup(dtype="float32").identity())
     assert tables.read_manifest(out)["scoring"]["dtype"] == "float32"  # recorded from now on
+
+
+def test_an_adapter_trained_on_another_prompt_or_definition_is_named(tmp_path):
+    """A chest adapter trained with report_first (the default before definitions_first) and
+    labelled with the new default: the run says which --prompt it was trained on."""
+    chest = ["cardiomegaly", "fracture"]
+    conditions = load_conditions(chest)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    provenance = {"prompt_hash": REPORT_FIRST_TEMPLATE.template_hash("direct"),
+                  "definition_hashes": {c.name: c.definition_hash() for c in conditions}}
+    (adapter / "training_provenance.json").write_text(json.dumps(provenance))
+
+    def setup(**kwargs):
+        return RunSetup.build(method="direct", conditions=chest,
+                              engine=EngineConfig(model="m", adapter=str(adapter)), **kwargs)
+
+    assert "pass --prompt report_first" in setup().adapter_mismatch()
+    assert setup(prompt="report_first").adapter_mismatch() is None
+    provenance["definition_hashes"]["fracture"] = "older"
+    (adapter / "training_provenance.json").write_text(json.dumps(provenance))
+    assert setup(prompt="report_first").adapter_mismatch() == (
+        "the definitions of ['fracture'] changed since it was trained")
+    assert _setup().adapter_mismatch() is None  # no adapter
