@@ -74,3 +74,19 @@ def force_next_tokens(model, next_tokens, active=lambda: True):
             output.logits.scatter_add_(2, forced[..., None], boost)
 
     return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def scores_one_by_one(engine, conversations) -> list[float]:
+    """The reference scores: each conversation alone, one unpadded forward pass, the score from
+    the full logits row (what batching, padding and shared prefixes must not change)."""
+    import torch
+
+    from ray_app.labelling.scoring import score_from_logits
+
+    scores = []
+    for conversation in conversations:
+        ids = torch.tensor([engine.formatter.token_ids(conversation)])
+        with torch.inference_mode():
+            logits = engine.model(input_ids=ids).logits[0, -1]
+        scores.append(score_from_logits(logits.tolist(), engine.formatter.answer_tokens))
+    return scores

@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ray_app.finetune import datasets
 from ray_app.finetune.config import FinetuneConfig
@@ -39,11 +39,12 @@ def build_examples(cfg: FinetuneConfig, reports_uri: str, labels_uri: str | None
     if cfg.mode == "impression":
         return datasets.impression_examples(reports)
     from ray_app.labelling.conditions import load_conditions
+    from ray_app.labelling.prompts import run_prompt
 
     labels = datasets.read_labels(labels_uri or "")
     conditions = load_conditions(cfg.conditions)
     return datasets.labeller_examples(reports, labels, conditions,
-                                      labeller_prompt(cfg, conditions))
+                                      run_prompt(conditions, cfg.prompt))
 
 
 def prepare_data(cfg: FinetuneConfig, tokenizer: Any
@@ -271,28 +272,16 @@ def merge_adapter(model_spec: str, adapter: str, target: str) -> None:
     log.info("merged model written to %s", target)
 
 
-def labeller_prompt(cfg: FinetuneConfig, conditions: Sequence[Any]):
-    """The labeller's wording, as the label job would pick it (`prompt`, else the one the
-    conditions ask for), bound to these conditions."""
-    from ray_app.labelling.prompts import (
-        bind_conditions,
-        conditions_prompt,
-        load_prompt,
-    )
-
-    template = load_prompt(cfg.prompt) if cfg.prompt else conditions_prompt(conditions)
-    return bind_conditions(template, conditions)
-
-
 def _prompt_provenance(cfg: FinetuneConfig) -> dict[str, Any]:
     """Labeller: the prompt and definitions trained on (labels from the adapter are only
     meaningful with the same ones)."""
     if cfg.mode != "labeller":
         return {}
     from ray_app.labelling.conditions import load_conditions
+    from ray_app.labelling.prompts import run_prompt
 
     conditions = load_conditions(cfg.conditions)
-    return {"prompt_hash": labeller_prompt(cfg, conditions).template_hash("direct"),
+    return {"prompt_hash": run_prompt(conditions, cfg.prompt).template_hash("direct"),
             "definition_hashes": {c.name: c.definition_hash() for c in conditions}}
 
 

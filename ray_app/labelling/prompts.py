@@ -208,6 +208,15 @@ def load_prompt(path: str | Path, name: str | None = None) -> PromptTemplate:
     return chosen[0]
 
 
+def run_prompt(conditions: Sequence[Condition], prompt: str | Path | None = None,
+               prompt_name: str | None = None) -> PromptTemplate:
+    """The wording a run over these conditions uses, bound to them: `prompt` (a prompt file or
+    a built-in name; `prompt_name` picks a variant of a file with several), else the one the
+    conditions ask for. The label job, Serve and fine-tuning all take it from here."""
+    template = load_prompt(prompt, prompt_name) if prompt else conditions_prompt(conditions)
+    return bind_conditions(template, conditions)
+
+
 def _system(template: PromptTemplate, condition: Condition, report: str) -> Message:
     """The system message; with `preamble`, the number of its leading characters that are the
     same for every report of a run, which an engine may compute once (see `preamble_chars`)."""

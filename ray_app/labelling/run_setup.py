@@ -25,8 +25,7 @@ from ray_app.labelling.prompts import (
     DEFAULT_TEMPLATE,
     PromptTemplate,
     bind_conditions,
-    conditions_prompt,
-    load_prompt,
+    run_prompt,
 )
 from ray_app.provenance import ADAPTER_PROVENANCE
 
@@ -55,8 +54,7 @@ class RunSetup:
                                  text_column, s3_endpoint)
         return cls(method=method, conditions=tuple(few_shot.bind_pool(loaded, pool)),
                    engine=engine,
-                   template=bind_conditions(load_prompt(prompt, prompt_name) if prompt
-                                            else conditions_prompt(loaded), loaded),
+                   template=run_prompt(loaded, prompt, prompt_name),
                    calibration=Calibration.load(calibration) if calibration else None,
                    pool=pool)
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_model import force_next_tokens
+from tiny_model import force_next_tokens, scores_one_by_one
 
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.transformers_engine import (
@@ -12,7 +12,6 @@ from ray_app.engines.transformers_engine import (
 )
 from ray_app.labelling import prompts
 from ray_app.labelling.conditions import load_condition
-from ray_app.labelling.scoring import score_from_logits
 
 REPORTS = [
     "FINDINGS: Severe central canal stenosis at L4-L5.\nIMPRESSION: Severe stenosis.",
@@ -34,19 +33,8 @@ def conversations():
     return convs
 
 
-def hand_scores(engine, conversations):
-    """One conversation at a time, no padding, score from the full logits row."""
-    out = []
-    for conv in conversations:
-        ids = torch.tensor([engine.formatter.token_ids(conv)])
-        with torch.no_grad():
-            logits = engine.model(input_ids=ids).logits[0, -1]
-        out.append(score_from_logits(logits.tolist(), engine.formatter.answer_tokens))
-    return out
-
-
 def test_scores_match_unbatched_forward(tiny_engine, conversations):
-    expected = hand_scores(tiny_engine, conversations)
+    expected = scores_one_by_one(tiny_engine, conversations)
     got = tiny_engine.score(conversations)
     assert len(got) == len(conversations) == 3 * (1 + 6)
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
@@ -189,7 +177,7 @@ def test_generate_then_score_on_cache_equals_fresh_encoding(tiny_model_dir, rewr
     assert min(stems) > max(from_generation) + 20
     assert [g.text for g in generations] == [g.text for g in engine.generate(requests)]
     assert all(g.text.startswith("NormalNormal") for g in generations)
-    expected = hand_scores(engine, [c for group in fresh for c in group])
+    expected = scores_one_by_one(engine, [c for group in fresh for c in group])
     got = [s for group in scores for s in group]
     assert [len(g) for g in scores] == [6, 6, 6]
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5

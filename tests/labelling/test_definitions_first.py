@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
+from tiny_model import scores_one_by_one
 
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.evaluation.calibration import Calibration, CalibrationError
@@ -22,7 +22,6 @@ from ray_app.labelling.prompts import (
     load_prompt,
 )
 from ray_app.labelling.run_setup import RunSetup
-from ray_app.labelling.scoring import score_from_logits
 
 CHEST = ["atelectasis", "cardiomegaly", "fracture", "pleural_effusion"]
 REPORTS = [
@@ -101,17 +100,6 @@ def test_the_prompt_hash_covers_the_other_conditions_definitions(tmp_path):
         replace(setup, calibration=calibration).check_calibration()
 
 
-def _alone(engine, conversations):
-    """Each conversation on its own: one unpadded forward pass, score from the full logits."""
-    scores = []
-    for conversation in conversations:
-        ids = torch.tensor([engine.formatter.token_ids(conversation)])
-        with torch.inference_mode():
-            logits = engine.model(input_ids=ids).logits[0, -1]
-        scores.append(score_from_logits(logits.tolist(), engine.formatter.answer_tokens))
-    return scores
-
-
 class _Recorder:
     """Wraps an engine: keeps what the labeller asks, scores with the engine."""
 
@@ -150,7 +138,7 @@ def test_preamble_runs_once_per_run_and_scores_equal_each_prompt_alone(tiny_mode
                        for c in recorder.conversations)
     assert all(shape[1] <= longest_rest for shape in passes if shape != (1, len(preamble)))
     got = [r["score"] for r in first + second]
-    expected = _alone(engine, recorder.conversations)
+    expected = scores_one_by_one(engine, recorder.conversations)
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
     # The tiny random model's scores vary little with the short questions, but 100 times more
     # than the tolerance: a pass that lost the report or the preamble would show.
@@ -169,5 +157,5 @@ def test_one_question_per_report_and_mixed_preambles_score_right(tiny_model_dir)
                       for c in conditions[1:3]]
     got = engine.score(conversations)
     assert len(engine._preambles) == 2
-    expected = _alone(engine, conversations)
+    expected = scores_one_by_one(engine, conversations)
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5

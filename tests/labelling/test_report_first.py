@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_model import scores_one_by_one
 
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.transformers_engine import (
@@ -26,7 +26,6 @@ from ray_app.labelling.prompts import (
     load_prompt,
     load_prompt_variants,
 )
-from ray_app.labelling.scoring import score_from_logits
 
 REPO = Path(__file__).resolve().parents[2]
 CHEST = ["atelectasis", "cardiomegaly", "fracture", "pleural_effusion", "pneumothorax"]
@@ -168,17 +167,6 @@ def test_short_report_long_definition_still_shares(tiny_engine):
         [0, 1, 2, 3], [4, 5, 6, 7]]
 
 
-def _alone(engine, conversations):
-    """Each conversation on its own: one unpadded forward pass, score from the full logits."""
-    scores = []
-    for conversation in conversations:
-        ids = torch.tensor([engine.formatter.token_ids(conversation)])
-        with torch.inference_mode():
-            logits = engine.model(input_ids=ids).logits[0, -1]
-        scores.append(score_from_logits(logits.tolist(), engine.formatter.answer_tokens))
-    return scores
-
-
 @pytest.mark.parametrize("batch_size", [3, 8])
 def test_shared_prefix_scores_equal_each_prompt_alone(tiny_model_dir, batch_size):
     engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir),
@@ -189,7 +177,7 @@ def test_shared_prefix_scores_equal_each_prompt_alone(tiny_model_dir, batch_size
     engine._score_shared = lambda groups, *a: (ran_shared.extend(groups), original(groups, *a))[1]
     got = engine.score(conversations)
     assert sorted(i for g, _ in ran_shared for i in g) == list(range(len(conversations)))
-    expected = _alone(engine, conversations)
+    expected = scores_one_by_one(engine, conversations)
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
     assert max(got) - min(got) > 0.05, "scores too alike to tell conditions apart"
 
