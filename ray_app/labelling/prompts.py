@@ -89,19 +89,20 @@ REPORT_FIRST_TEMPLATE = PromptTemplate(
 # of the run, then the report; each question names its condition only. Everything before the
 # report is the same for every report of a run (engines compute it once per run: a preamble),
 # and what follows the report is a short question, so k conditions cost the report once and k
-# short questions. A condition's prompt then depends on the other conditions of the run: their
-# definitions are in the prompt hash (bind_conditions), so a calibration made with another set
-# is refused.
+# short questions. The answer format is said once, in the system message, and the question ends
+# with the condition's name: the questions of a report then share everything up to that name
+# (9 conditions: 1.8x the tokens of one, against 2.7x with the format after each question, for
+# the same accuracy on Open-i: README). A condition's prompt depends on the other conditions of
+# the run: their definitions are in the prompt hash (bind_conditions), so a calibration made
+# with another set is refused. The wording before 2026-12-04 (the format after each question) is
+# configs/definitions_first_2026-12-03.yaml.
 DEFINITIONS_FIRST_TEMPLATE = PromptTemplate(
     system=(
         "You are a radiologist. You will read a medical report and be asked about one condition "
         "at a time, as defined here:\n{definitions}\nTell the truth and answer as precisely as "
-        "possible.\nReport: {report}"
+        "possible: 'yes' for yes, 'no' for no.\nReport: {report}"
     ),
-    direct_question=(
-        "Based on the report, does the patient have {condition}{at_level}? "
-        "Answer 'yes' for yes, 'no' for no."
-    ),
+    direct_question="Based on the report, does the patient have {condition}{at_level}?",
     summary_question="Based on your summary, does the patient have {condition}{at_level}?",
     name="definitions_first",
 )

@@ -4,6 +4,8 @@ engine running that preamble once per run (ray_app/engines/transformers_engine.p
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -58,12 +60,29 @@ def test_every_definition_of_the_run_comes_before_the_report_in_name_order():
         assert f"does the patient have {condition.prompt_name}?" in question
     # The preamble: everything before the report's line, the same for every report.
     chars = conversations[0][0]["preamble"]
-    assert system[:chars].endswith("possible.\n") and report not in system[:chars]
+    assert system[:chars].endswith("'no' for no.\n") and report not in system[:chars]
     other = prompts.direct_conversation(bound, conditions[0], REPORTS[1])[0]
     assert other["content"][:chars] == system[:chars]
     # The paper's wording names the condition before the report: no preamble.
     paper = prompts.direct_conversation(prompts.DEFAULT_TEMPLATE, conditions[0], report)
     assert "preamble" not in paper[0]
+
+
+def test_a_reports_questions_differ_only_in_the_condition_name(tiny_engine):
+    """Everything a question says that is the same for every condition, the answer format
+    included, comes before the condition's name: the engine runs it once per report, and each
+    further condition adds only its name and the end of the turn."""
+    conditions = load_conditions(CHEST)
+    bound = bind_conditions(DEFINITIONS_FIRST_TEMPLATE, conditions)
+    texts = [tiny_engine.formatter.render(prompts.direct_conversation(bound, c, REPORTS[0]))
+             for c in conditions]
+    shared = os.path.commonprefix(texts)
+    assert shared.endswith("Based on the report, does the patient have ")
+    assert "'yes' for yes, 'no' for no." in shared
+    rests = {text[len(shared):].removeprefix(f"{c.prompt_name}?")
+             for text, c in zip(texts, conditions)}
+    (turn_end,) = rests
+    assert re.fullmatch(r"(<\|im_(end|start)\|>|assistant|\s)*", turn_end)
 
 
 def test_an_unbound_template_is_refused_and_braces_in_definitions_survive():
