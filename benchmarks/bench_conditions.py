@@ -14,6 +14,13 @@ question.
     python benchmarks/bench_conditions.py --model qwen2.5-coder-1.5b-instruct --dtype bfloat16 \
         --reports 6
 
+On a GPU machine that cannot hold the weights, the same architecture with random weights times
+the same work (scores meaningless; benchmarks/random_weights.py):
+
+    python benchmarks/random_weights.py --like qwen-arch --out /tmp/qwen-random --weights
+    python benchmarks/bench_conditions.py --model /tmp/qwen-random --dtype bfloat16 \
+        --reports 256 --batch-size 64 --repeats 2
+
 Same engine (one loaded model), same reports, direct method; k = 1, 4 and 9 chest conditions
 (the 5 built-in chest YAMLs and 4 more written here). Reports: the Open-i development CSV
 (`../shared/data/openi/reports_dev.csv`, findings + impression) when present, else the package's
@@ -190,7 +197,7 @@ def main() -> None:
                 start, cpu_start = time.perf_counter(), time.process_time()
                 rows = labeller.label(tasks)
                 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-                log.info("round %d, %s k=%d: %.3f s/report (%d scores)", round_ + 1, wording, k,
+                log.info("round %d, %s k=%d: %.4f s/report (%d scores)", round_ + 1, wording, k,
                          seconds / n, len(rows))
                 if (wording, k) in results and results[wording, k]["s"] <= seconds / n:
                     continue
@@ -213,11 +220,12 @@ def main() -> None:
     for wording in WORDINGS:
         for k in KS:
             r, base = results[wording, k], results[wording, 1]
-            print(f"| {wording} | {k} | {r['s']:.3f} | {r['s'] / base['s']:.2f}x | "
-                  f"{r['cpu']:.3f} | {r['cpu'] / base['cpu']:.2f}x | "
+            # four decimals: on a GPU a report takes milliseconds
+            print(f"| {wording} | {k} | {r['s']:.4f} | {r['s'] / base['s']:.2f}x | "
+                  f"{r['cpu']:.4f} | {r['cpu'] / base['cpu']:.2f}x | "
                   f"{r['total']:.0f} | {r['run']:.0f} | {r['prefix']:.0f} | {r['preamble']} | "
-                  f"{r['shared_s']:.3f} | "
-                  f"{r['suffix_s']:.3f} | {r['plain_s']:.3f} |")
+                  f"{r['shared_s']:.4f} | "
+                  f"{r['suffix_s']:.4f} | {r['plain_s']:.4f} |")
     for wording in WORDINGS:
         ratio = results[wording, 9]["s"] / results[wording, 1]["s"]
         cpu_ratio = results[wording, 9]["cpu"] / results[wording, 1]["cpu"]

@@ -70,8 +70,9 @@ def force_next_tokens(model, next_tokens, active=lambda: True):
         if active():
             shown = output.logits.shape[1]
             forced = next_tokens(kwargs["input_ids"][:, -shown:])
-            boost = torch.full((*forced.shape, 1), 1e4, dtype=output.logits.dtype)
-            output.logits.scatter_add_(2, forced[..., None], boost)
+            boost = torch.full((*forced.shape, 1), 1e4, dtype=output.logits.dtype,
+                               device=output.logits.device)
+            output.logits.scatter_add_(2, forced[..., None].to(output.logits.device), boost)
 
     return model.register_forward_hook(hook, with_kwargs=True)
 
@@ -85,7 +86,7 @@ def scores_one_by_one(engine, conversations) -> list[float]:
 
     scores = []
     for conversation in conversations:
-        ids = torch.tensor([engine.formatter.token_ids(conversation)])
+        ids = torch.tensor([engine.formatter.token_ids(conversation)], device=engine.device)
         with torch.inference_mode():
             logits = engine.model(input_ids=ids).logits[0, -1]
         scores.append(score_from_logits(logits.tolist(), engine.formatter.answer_tokens))

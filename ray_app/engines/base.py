@@ -115,6 +115,12 @@ class Generation:
     prompt_tokens: int
 
 
+#: Tokens a tokenizer may make beyond one per UTF-8 byte of a rendered prompt. A byte-level BPE
+#: (Qwen, SmolLM2, Llama 3) makes at most one token per byte, each token covering one or more;
+#: a SentencePiece tokenizer may add a word-start piece to each stretch between special tokens.
+_UNCOUNTED_TOKENS = 64
+
+
 class ChatFormatter:
     """Renders conversations through the tokenizer's own chat template to token ids."""
 
@@ -133,11 +139,27 @@ class ChatFormatter:
         )
 
     def token_ids(self, conversation: Conversation) -> list[int]:
+        return self.encode([self.render(conversation)])[0]
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of rendered texts, in one call: a fast tokenizer encodes a batch on all
+        cores, where text by text it uses one (on a GPU machine the engine's time went mostly
+        to tokenizing: benchmarks/bench_conditions.py in the README)."""
+        if not texts:
+            return []
         # Rendered text already holds the template's special tokens: do not add them twice.
-        return self.tokenizer.encode(self.render(conversation), add_special_tokens=False)
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
     def count_tokens(self, conversation: Conversation) -> int:
         return len(self.token_ids(conversation))
+
+    def fits(self, conversation: Conversation, tokens: int) -> bool:
+        """Whether the prompt takes at most `tokens` tokens, without tokenizing it when its
+        UTF-8 bytes already say so (the labeller asks this of every report and condition)."""
+        text = self.render(conversation)
+        if len(text.encode("utf-8")) + _UNCOUNTED_TOKENS <= tokens:
+            return True
+        return len(self.encode([text])[0]) <= tokens
 
     def stop_token_ids(self) -> list[int]:
         """Ids that end the assistant's turn: every engine stops generating at the same ones."""
@@ -165,6 +187,11 @@ class Engine(ABC):
     @abstractmethod
     def count_tokens(self, conversation: Conversation) -> int:
         """Prompt length in tokens, as this engine will see it."""
+
+    def fits(self, conversation: Conversation, tokens: int) -> bool:
+        """Whether the prompt takes at most `tokens` tokens (engines with a chat formatter
+        answer most prompts without tokenizing them: ChatFormatter.fits)."""
+        return self.count_tokens(conversation) <= tokens
 
     @abstractmethod
     def score(self, conversations: Sequence[Conversation]) -> list[float]:

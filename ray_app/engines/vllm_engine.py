@@ -167,6 +167,9 @@ class VLLMEngine(Engine):
     def count_tokens(self, conversation: Conversation) -> int:
         return self.formatter.count_tokens(conversation)
 
+    def fits(self, conversation: Conversation, tokens: int) -> bool:
+        return self.formatter.fits(conversation, tokens)
+
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
         tokens = self.formatter.answer_tokens
         answer_ids = tokens.all_ids

@@ -133,8 +133,8 @@ class Labeller:
         longest_level = max(prompts.question_levels(condition), key=lambda lv: len(lv or ""))
         item = _Item("", condition, report, False, examples=examples)
         reserve = 1 + (self.engine.config.max_new_tokens if self.method == "summary" else 0)
-        tokens = self.engine.count_tokens(self._question(item, longest_level))
-        return tokens + reserve <= self.engine.config.max_context_tokens
+        return self.engine.fits(self._question(item, longest_level),
+                                self.engine.config.max_context_tokens - reserve)
 
     def _summarise_and_score(self, items: list[_Item]) -> list[float]:
         """Each item's summary, then its questions asked after it; scores in question order.

@@ -43,7 +43,8 @@ def requests(engine):
 
 def hf_greedy(engine, ids: list[int]) -> list[int]:
     out = engine.model.generate(
-        input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        input_ids=torch.tensor([ids], device=engine.device),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=engine.device),
         max_new_tokens=engine.config.max_new_tokens, do_sample=False,
         repetition_penalty=engine.config.repetition_penalty, eos_token_id=engine.stop_ids,
         pad_token_id=engine.tokenizer.pad_token_id)

@@ -92,7 +92,11 @@ def test_generate_is_greedy_bounded_and_batch_independent(tiny_engine, conversat
 def test_dtype_and_device_resolution(tiny_model_dir):
     engine = make_engine(EngineConfig(model=str(tiny_model_dir), dtype="bfloat16"))
     assert engine.model.dtype == torch.bfloat16
-    assert next(engine.model.parameters()).device.type == "cpu"
+    # 'auto': the GPU where torch sees one (the lent GPU machine), else the CPU
+    assert next(engine.model.parameters()).device.type == ("cuda" if torch.cuda.is_available()
+                                                           else "cpu")
+    on_cpu = make_engine(EngineConfig(model=str(tiny_model_dir), dtype="auto", device="cpu"))
+    assert next(on_cpu.model.parameters()).device.type == "cpu"
     with pytest.raises(ValueError, match="dtype 'float8'"):
         make_engine(EngineConfig(model=str(tiny_model_dir), dtype="float8"))
 
@@ -206,7 +210,7 @@ def test_generation_stops_at_the_engines_current_stop_ids(tiny_model_dir, monkey
     engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir), max_new_tokens=12))
     request = prompts.summary_request_conversation(
         prompts.DEFAULT_TEMPLATE, load_condition("spinal_cancer"), REPORTS[0])
-    ids = torch.tensor([engine.formatter.token_ids(request)])
+    ids = torch.tensor([engine.formatter.token_ids(request)], device=engine.device)
     with torch.inference_mode():
         first = int(engine.model(input_ids=ids).logits[0, -1].argmax())
     assert len(engine.tokenizer.encode(engine.generate([request])[0].text,
@@ -214,3 +218,32 @@ def test_generation_stops_at_the_engines_current_stop_ids(tiny_model_dir, monkey
     monkeypatch.setattr(engine, "stop_ids", [first])
     expected = engine.tokenizer.decode([first], skip_special_tokens=True).strip()
     assert engine.generate([request])[0].text == expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_common_prefix_length_is_the_tokens_all_rows_share(seed):
+    import random
+
+    rng = random.Random(seed)
+    base = [rng.randrange(4) for _ in range(rng.randrange(1, 60))]
+    rows = [base[: rng.randrange(len(base) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(5))]
+            for _ in range(rng.randrange(1, 5))]
+    expected = 0
+    while (all(len(r) > expected for r in rows)
+           and len({r[expected] for r in rows}) == 1):
+        expected += 1
+    assert _common_prefix_len(rows) == expected
+
+
+def test_fits_answers_as_the_token_count_does(tiny_engine, monkeypatch):
+    short = [{"role": "user", "content": "Is there a fracture? é → 骨折 🦴"}]
+    long = [{"role": "user", "content": "rib " * 300 + "é → 骨折 🦴"}]
+    for conversation in (short, long):
+        tokens = tiny_engine.count_tokens(conversation)
+        # what the shortcut rests on: no more tokens than UTF-8 bytes
+        assert tokens <= len(tiny_engine.formatter.render(conversation).encode("utf-8"))
+        assert tiny_engine.fits(conversation, tokens)
+        assert not tiny_engine.fits(conversation, tokens - 1)
+    # far below the budget the prompt is not tokenized at all
+    monkeypatch.setattr(tiny_engine.formatter, "encode", lambda texts: pytest.fail("tokenized"))
+    assert tiny_engine.fits(long, 10 * len(tiny_engine.formatter.render(long).encode("utf-8")))

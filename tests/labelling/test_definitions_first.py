@@ -129,6 +129,9 @@ class _Recorder:
     def count_tokens(self, conversation):
         return self.engine.count_tokens(conversation)
 
+    def fits(self, conversation, tokens):
+        return self.engine.fits(conversation, tokens)
+
     def score(self, conversations):
         self.conversations.extend(conversations)
         return self.engine.score(conversations)

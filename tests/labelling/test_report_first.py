@@ -132,6 +132,9 @@ class _NoEngine:
     def count_tokens(self, conversation):
         return sum(len(m["content"]) for m in conversation)
 
+    def fits(self, conversation, tokens):
+        return self.count_tokens(conversation) <= tokens
+
     def score(self, conversations):
         self.conversations.extend(conversations)
         return [0.5] * len(conversations)
