@@ -232,3 +232,14 @@ def test_definition_hash_ignores_name_when_prompt_wording_is_the_same(tmp_path):
     # Without a display name the name is the prompt wording, so then it counts.
     bare = dataclasses.replace(condition, display_name="")
     assert dataclasses.replace(bare, name="other").definition_hash() != bare.definition_hash()
+
+
+def test_the_builtin_fracture_question_names_its_scope_and_the_former_file_keeps_the_old_one():
+    builtin, = load_conditions(["fracture"])
+    former, = load_conditions([str(Path(__file__).resolve().parents[2] / "configs"
+                                   / "fracture_2026-12-04.yaml")])
+    assert builtin.prompt_name == "any fracture, old or healed"
+    # the earlier rows of the README are reproduced with the former name and the same definition
+    assert (former.name, former.prompt_name) == ("fracture", "fracture")
+    assert former.definition == builtin.definition
+    assert former.definition_hash() != builtin.definition_hash()
