@@ -27,6 +27,10 @@ from ray_app.provenance import ADAPTER_PROVENANCE, code_version, utc_now
 
 log = logging.getLogger(__name__)
 
+#: What a checkpoint folder holds once complete: a resume reads all three.
+CHECKPOINT_FILES = (STATE_FILE, OPTIMIZER_FILE,
+                    os.path.join(ADAPTER_DIR, "adapter_model.safetensors"))
+
 PROVENANCE_FILE = ADAPTER_PROVENANCE
 
 
@@ -141,9 +145,8 @@ def _unrecorded_checkpoint(run_dir: str | None) -> str | None:
     start again from step 0. Local (or mounted) storage only."""
     if not run_dir or not os.path.isdir(run_dir):
         return None
-    needed = (STATE_FILE, OPTIMIZER_FILE, os.path.join(ADAPTER_DIR, "adapter_model.safetensors"))
     for folder in sorted(Path(run_dir).glob("step-*"), reverse=True):
-        if all((folder / name).is_file() for name in needed):
+        if all((folder / name).is_file() for name in CHECKPOINT_FILES):
             log.warning("Ray Train recorded no checkpoint for %s; resuming from %s, the newest "
                         "complete checkpoint folder there", run_dir, folder)
             return str(folder)

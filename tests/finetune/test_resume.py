@@ -31,10 +31,15 @@ def _start(config: Path, log: Path) -> subprocess.Popen:
 
 
 def _first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float) -> Path:
+    """The first checkpoint folder with every file a resume needs (what the job itself looks
+    for when Ray has not recorded it): a kill between the optimizer's file and the adapter's
+    leaves an incomplete folder, and the run rightly starts over (a CI flake, resumed_from [])."""
+    from ray_app.finetune.ray_job import CHECKPOINT_FILES
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = [p for p in run.glob("step-*") if (p / "train_state.json").is_file()
-                and (p / "optimizer.pt").is_file()]
+        done = [p for p in run.glob("step-*")
+                if all((p / name).is_file() for name in CHECKPOINT_FILES)]
         if done:
             return min(done)
         assert proc.poll() is None, "the job ended before writing a checkpoint"
