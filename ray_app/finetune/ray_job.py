@@ -20,7 +20,13 @@ from typing import Any
 from ray_app.finetune import datasets
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.masking import TokenisedExample, tokenise_all
-from ray_app.finetune.train import ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE, train_worker
+from ray_app.finetune.train import (
+    ADAPTER_DIR,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    checkpoint_complete,
+    train_worker,
+)
 from ray_app.pipeline import placement
 from ray_app.pipeline.ray_session import ensure_ray
 from ray_app.provenance import ADAPTER_PROVENANCE, code_version, utc_now
@@ -142,11 +148,12 @@ def run_folder(cfg: FinetuneConfig) -> str:
 def _unrecorded_checkpoint(run_dir: str | None) -> str | None:
     """The newest complete checkpoint folder of a run whose Ray Train record names none: a job
     killed after a checkpoint's files reached storage but before Ray recorded it would otherwise
-    start again from step 0. Local (or mounted) storage only."""
+    start again from step 0. Complete: its manifest's files all there, whole (a kill while Ray
+    copied it can leave a file cut short). Local (or mounted) storage only."""
     if not run_dir or not os.path.isdir(run_dir):
         return None
     for folder in sorted(Path(run_dir).glob("step-*"), reverse=True):
-        if all((folder / name).is_file() for name in CHECKPOINT_FILES):
+        if checkpoint_complete(folder, CHECKPOINT_FILES):
             log.warning("Ray Train recorded no checkpoint for %s; resuming from %s, the newest "
                         "complete checkpoint folder there", run_dir, folder)
             return str(folder)

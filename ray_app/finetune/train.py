@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+#: Every file of a checkpoint folder and its size in bytes, written last by the worker.
+MANIFEST_FILE = "checkpoint_manifest.json"
 ADAPTER_DIR = "adapter"
 
 
@@ -344,5 +346,27 @@ def _report_checkpoint(peft_model, optimizer, scheduler, state: RunState,
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    os.path.join(folder, OPTIMIZER_FILE))
         Path(folder, STATE_FILE).write_text(json.dumps(state.__dict__))
+        _write_manifest(Path(folder))
         ctx.report(metrics, folder)
     log.info("checkpoint at step %d", state.step)
+
+
+def _write_manifest(folder: Path) -> None:
+    sizes = {str(path.relative_to(folder)): path.stat().st_size
+             for path in sorted(folder.rglob("*")) if path.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps(sizes, indent=1))
+
+
+def checkpoint_complete(folder: Path, required: tuple[str, ...]) -> bool:
+    """Whether a checkpoint folder in storage holds every file its manifest lists, each whole
+    (its recorded size), `required` among them. Ray copies a checkpoint's files to storage in
+    its own order, so a job killed mid-copy can leave any of them missing or cut short; the
+    manifest, whenever it arrived, tells which."""
+    try:
+        sizes = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not set(required) <= set(sizes):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size
+               for name, size in sizes.items())

@@ -35,11 +35,11 @@ def _first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float) -> Path
     for when Ray has not recorded it): a kill between the optimizer's file and the adapter's
     leaves an incomplete folder, and the run rightly starts over (a CI flake, resumed_from [])."""
     from ray_app.finetune.ray_job import CHECKPOINT_FILES
+    from ray_app.finetune.train import checkpoint_complete
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = [p for p in run.glob("step-*")
-                if all((p / name).is_file() for name in CHECKPOINT_FILES)]
+        done = [p for p in run.glob("step-*") if checkpoint_complete(p, CHECKPOINT_FILES)]
         if done:
             return min(done)
         assert proc.poll() is None, "the job ended before writing a checkpoint"
@@ -110,18 +110,32 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_within_the_run(tmp_pat
 
 def test_a_checkpoint_ray_did_not_record_is_found_in_the_run_folder(tmp_path):
     from ray_app.finetune.ray_job import _unrecorded_checkpoint
-    from ray_app.finetune.train import ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE
-
-    def checkpoint(step: int, files: tuple[str, ...]) -> Path:
-        folder = tmp_path / f"step-{step:08d}"
-        (folder / ADAPTER_DIR).mkdir(parents=True)
-        for name in files:
-            (folder / name).write_text("x")
-        return folder
+    from ray_app.finetune.train import ADAPTER_DIR, OPTIMIZER_FILE, STATE_FILE, _write_manifest
 
     complete = (STATE_FILE, OPTIMIZER_FILE, f"{ADAPTER_DIR}/adapter_model.safetensors")
+
+    def checkpoint(step: int) -> Path:
+        folder = tmp_path / f"step-{step:08d}"
+        (folder / ADAPTER_DIR).mkdir(parents=True)
+        for name in complete:
+            (folder / name).write_text("weights " * step)
+        _write_manifest(folder)
+        return folder
+
     assert _unrecorded_checkpoint(str(tmp_path)) is None
     assert _unrecorded_checkpoint(None) is None
-    tenth = checkpoint(10, complete)
-    checkpoint(20, complete[:2])  # killed while its adapter was being written
+    tenth = checkpoint(10)
     assert _unrecorded_checkpoint(str(tmp_path)) == str(tenth)
+    # Killed while Ray copied the next one: a file missing, a file cut short, the manifest not
+    # there yet; each time the tenth step is the newest complete checkpoint.
+    later = checkpoint(20)
+    (later / complete[2]).unlink()
+    assert _unrecorded_checkpoint(str(tmp_path)) == str(tenth)
+    later = checkpoint(30)
+    (later / complete[1]).write_text("weights " * 7)
+    assert _unrecorded_checkpoint(str(tmp_path)) == str(tenth)
+    later = checkpoint(40)
+    (later / "checkpoint_manifest.json").unlink()
+    assert _unrecorded_checkpoint(str(tmp_path)) == str(tenth)
+    fiftieth = checkpoint(50)  # a complete later one is taken
+    assert _unrecorded_checkpoint(str(tmp_path)) == str(fiftieth)
