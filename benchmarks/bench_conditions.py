@@ -4,8 +4,8 @@ definitions-first, in one run.
 The paper's wording names the condition in the system message, before the report, so no two
 conditions of a report share a prefix and k conditions cost k full prompts. The `report_first`
 variant puts the role and the report first and the definition and question after, so the
-transformers engine computes everything up to the report once per report (shared-prefix groups)
-and runs only each condition's definition and question on a copy of its KV cache. The
+transformers engine packs a report's questions into one row: everything up to the report once,
+then each condition's definition and question, kept apart by the attention mask. The
 `definitions_first` variant puts the definitions of all k conditions before the report: that
 preamble runs once per run, the report once per report, and each condition adds only a short
 question.
@@ -25,15 +25,19 @@ Same engine (one loaded model), same reports, direct method; k = 1, 4 and 9 ches
 (the 5 built-in chest YAMLs and 4 more written here). Reports: the Open-i development CSV
 (`../shared/data/openi/reports_dev.csv`, findings + impression) when present, else the package's
 sample spine reports. Prints seconds per report, the ratio to k = 1 for each wording, the tokens
-each forward pass computed per report, and the time spent on shared prefixes and on suffixes.
+each forward pass computed per report, the time spent in passes of shared-prefix groups and of
+single prompts, and the number of forward passes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,15 +105,26 @@ def load_reports(n: int, seed: int, data: Path) -> tuple[list[ReportTask], str]:
 
 @dataclass
 class Timers:
-    """Seconds spent per scoring path, patched around the engine's methods."""
+    """Seconds spent per scoring path and forward passes, counted around the engine's methods."""
 
-    seconds: dict[str, float] = field(default_factory=lambda: {"plain": 0.0, "shared": 0.0,
-                                                              "suffix": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"plain": 0.0, "shared": 0.0})
+    passes: int = 0  # forward passes: on a GPU each costs about the same, whatever its tokens
 
     def wrap(self, engine: TransformersEngine) -> None:
-        for method, key in (("_score_padded", "plain"), ("_score_shared", "shared"),
-                            ("_score_suffixes", "suffix")):
+        """Time the engine's current scoring methods (again after they were swapped)."""
+        for method, key in (("_score_padded", "plain"), ("_score_packed", "shared"),
+                            ("_score_on_copies", "shared"), ("_score_shared", "shared")):
+            if not hasattr(engine, method):  # an earlier engine's (--before) names differ
+                continue
             setattr(engine, method, self._timed(getattr(engine, method), key))
+
+    def count_passes(self, engine: TransformersEngine) -> None:
+        forward = engine._forward
+
+        def counted(*args, **kwargs):
+            self.passes += 1
+            return forward(*args, **kwargs)
+        engine._forward = counted
 
     def _timed(self, fn, key):
         def run(*args, **kwargs):
@@ -123,6 +138,35 @@ class Timers:
     def reset(self) -> None:
         for key in self.seconds:
             self.seconds[key] = 0.0
+        self.passes = 0
+
+
+# The methods that decide how a call's prompts are grouped and run, swapped in with --before.
+SCORING_METHODS = ("_score_part", "_score_padded", "_score_packed", "_score_on_copies",
+                   "_score_shared", "_score_suffixes", "_forward_on", "_preamble_rows",
+                   "_length_batches")
+
+
+def scoring_methods(engine: TransformersEngine, source: str | None) -> dict:
+    """The engine's scoring methods from this checkout (None) or from an earlier
+    transformers_engine.py, bound to the loaded engine (one model, both ways of running it)."""
+    cls = TransformersEngine
+    if source:
+        spec = importlib.util.spec_from_file_location("engine_before", source)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+        cls = module.TransformersEngine
+    return {name: types.MethodType(getattr(cls, name), engine)
+            for name in SCORING_METHODS if hasattr(cls, name)}
+
+
+def use_methods(engine: TransformersEngine, methods: dict, timers: Timers) -> None:
+    for name in SCORING_METHODS:
+        engine.__dict__.pop(name, None)
+    for name, method in methods.items():
+        setattr(engine, name, method)
+    timers.wrap(engine)
 
 
 def computed_tokens(engine: TransformersEngine, labeller: Labeller,
@@ -163,6 +207,11 @@ def main() -> None:
                         help="time every cell this often, rounds interleaved, and keep the "
                              "fastest (a shared machine's noise only ever adds time)")
     parser.add_argument("--data", default=str(OPENI), help="Open-i reports_dev.csv")
+    parser.add_argument("--wordings", nargs="+", choices=WORDINGS, default=list(WORDINGS))
+    parser.add_argument("--before", default=None,
+                        help="an earlier ray_app/engines/transformers_engine.py (git show "
+                             "REV:ray_app/engines/transformers_engine.py > FILE): its scoring "
+                             "methods are timed too, on the same model, rounds interleaved")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: all cores); on a shared machine 1 thread "
                              "makes the CPU seconds a steady measure of the work")
@@ -173,66 +222,88 @@ def main() -> None:
                                              batch_size=args.batch_size,
                                              cpu_threads=args.threads))
     timers = Timers()
-    timers.wrap(engine)
+    timers.count_passes(engine)
+    engines = {"now": scoring_methods(engine, None)}
+    if args.before:
+        engines = {"before": scoring_methods(engine, args.before), **engines}
     tasks, source = load_reports(args.reports, args.seed, Path(args.data))
     with tempfile.TemporaryDirectory() as folder:
         conditions = load_conditions([*CHEST, *write_extra_conditions(Path(folder))])
-    templates: dict[str, PromptTemplate] = {w: BUILTIN_TEMPLATES[w] for w in WORDINGS}
+    templates: dict[str, PromptTemplate] = {w: BUILTIN_TEMPLATES[w] for w in args.wordings}
 
     # Warm-up: every wording once on two reports (allocator, kernels, lazy imports), and every
     # cell on one, so that a preamble (definitions_first: the definitions of the cell's k
     # conditions) is computed before the clock starts, as it is once per run of an archive.
-    for template in templates.values():
-        Labeller(engine, conditions, "direct", template).label(tasks[:2])
-        for k in KS:
-            Labeller(engine, conditions[:k], "direct", template).label(tasks[:1])
+    for methods in engines.values():
+        use_methods(engine, methods, timers)
+        for template in templates.values():
+            Labeller(engine, conditions, "direct", template).label(tasks[:2])
+            for k in KS:
+                Labeller(engine, conditions[:k], "direct", template).label(tasks[:1])
 
-    results: dict[tuple[str, int], dict[str, float]] = {}
+    results: dict[tuple[str, str, int], dict[str, float]] = {}
+    scores: dict[tuple[str, str, int], list[float]] = {}
     n = len(tasks)
     for round_ in range(args.repeats):
         for k in KS:
             for wording, template in templates.items():
-                labeller = Labeller(engine, conditions[:k], "direct", template)
-                timers.reset()
-                start, cpu_start = time.perf_counter(), time.process_time()
-                rows = labeller.label(tasks)
-                seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-                log.info("round %d, %s k=%d: %.4f s/report (%d scores)", round_ + 1, wording, k,
-                         seconds / n, len(rows))
-                if (wording, k) in results and results[wording, k]["s"] <= seconds / n:
-                    continue
-                total, run, prefix, once = computed_tokens(engine, labeller, tasks)
-                results[wording, k] = dict(
-                    s=seconds / n, cpu=cpu / n, total=total / n, run=(run - once) / n,
-                    prefix=prefix / n, preamble=once,
-                    shared_s=(timers.seconds["shared"] - timers.seconds["suffix"]) / n,
-                    suffix_s=timers.seconds["suffix"] / n, plain_s=timers.seconds["plain"] / n,
-                )
+                for version, methods in engines.items():
+                    use_methods(engine, methods, timers)
+                    labeller = Labeller(engine, conditions[:k], "direct", template)
+                    timers.reset()
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    rows = labeller.label(tasks)
+                    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                    log.info("round %d, %s %s k=%d: %.4f s/report (%d scores)", round_ + 1,
+                             version, wording, k, seconds / n, len(rows))
+                    key = (version, wording, k)
+                    scores[key] = [row["score"] for row in rows]
+                    if key in results and results[key]["s"] <= seconds / n:
+                        continue
+                    total, run, prefix, once = computed_tokens(engine, labeller, tasks)
+                    results[key] = dict(
+                        s=seconds / n, cpu=cpu / n, total=total / n, run=(run - once) / n,
+                        prefix=prefix / n, preamble=once,
+                        shared_s=timers.seconds["shared"] / n,
+                        plain_s=timers.seconds["plain"] / n, passes=timers.passes,
+                    )
 
     print(f"\nconditions benchmark: {args.model}, {args.dtype}, {len(tasks)} reports ({source}), "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads, direct method, fastest "
           f"of {args.repeats} round(s)")
-    print(f"conditions: {', '.join(c.name for c in conditions)} (k = first k)\n")
-    print("| wording | k | s/report | x k=1 | CPU s/report | x k=1 | prompt tokens/report | "
-          "tokens run/report | of them shared prefix | preamble tokens (once a run) | s prefix | "
-          "s suffix | s unshared |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for wording in WORDINGS:
-        for k in KS:
-            r, base = results[wording, k], results[wording, 1]
-            # four decimals: on a GPU a report takes milliseconds
-            print(f"| {wording} | {k} | {r['s']:.4f} | {r['s'] / base['s']:.2f}x | "
-                  f"{r['cpu']:.4f} | {r['cpu'] / base['cpu']:.2f}x | "
-                  f"{r['total']:.0f} | {r['run']:.0f} | {r['prefix']:.0f} | {r['preamble']} | "
-                  f"{r['shared_s']:.4f} | "
-                  f"{r['suffix_s']:.4f} | {r['plain_s']:.4f} |")
-    for wording in WORDINGS:
-        ratio = results[wording, 9]["s"] / results[wording, 1]["s"]
-        cpu_ratio = results[wording, 9]["cpu"] / results[wording, 1]["cpu"]
-        floor = results[wording, 9]["run"] / results[wording, 1]["run"]
-        print(f"{wording}: 9 conditions cost {ratio:.2f}x one (CPU time {cpu_ratio:.2f}x, tokens "
-              f"run {floor:.2f}x); target <= 3x {'met' if ratio <= 3 else 'NOT met'}")
-
+    print(f"conditions: {', '.join(c.name for c in conditions)} (k = first k)")
+    if args.before:
+        print(f"engine: 'before' runs the scoring methods of {args.before}, 'now' this "
+              "checkout's, on the same loaded model, interleaved")
+    print("\n| engine | wording | k | s/report | x k=1 | CPU s/report | x k=1 | prompt tokens/report "
+          "| tokens run/report | of them shared prefix | preamble tokens (once a run) | "
+          "s shared-prefix passes | s unshared passes | forward passes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for version in engines:
+        for wording in args.wordings:
+            for k in KS:
+                r, base = results[version, wording, k], results[version, wording, 1]
+                # four decimals: on a GPU a report takes milliseconds
+                print(f"| {version} | {wording} | {k} | {r['s']:.4f} | {r['s'] / base['s']:.2f}x | "
+                      f"{r['cpu']:.4f} | {r['cpu'] / base['cpu']:.2f}x | "
+                      f"{r['total']:.0f} | {r['run']:.0f} | {r['prefix']:.0f} | {r['preamble']} | "
+                      f"{r['shared_s']:.4f} | {r['plain_s']:.4f} | {r['passes']} |")
+    for version in engines:
+        for wording in args.wordings:
+            nine, one = results[version, wording, 9], results[version, wording, 1]
+            ratio, cpu_ratio = nine["s"] / one["s"], nine["cpu"] / one["cpu"]
+            print(f"{version} {wording}: 9 conditions cost {ratio:.2f}x one (CPU time "
+                  f"{cpu_ratio:.2f}x, tokens run {nine['run'] / one['run']:.2f}x, forward passes "
+                  f"{nine['passes'] / one['passes']:.2f}x); target <= 3x "
+                  f"{'met' if ratio <= 3 else 'NOT met'}")
+    if args.before:
+        for wording in args.wordings:
+            for k in KS:
+                before, now = scores["before", wording, k], scores["now", wording, k]
+                gap = max(abs(a - b) for a, b in zip(before, now))
+                speedup = results["before", wording, k]["s"] / results["now", wording, k]["s"]
+                print(f"{wording} k={k}: now {speedup:.2f}x as fast as before; largest score "
+                      f"difference {gap:.1e}")
 
 if __name__ == "__main__":
     main()

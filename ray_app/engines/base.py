@@ -47,7 +47,11 @@ class EngineConfig:
                   "not move with batch composition."},
     )
     device: str = field(default="auto", metadata={"doc": "'auto', 'cpu' or 'cuda'."})
-    batch_size: int = field(default=8, metadata={"doc": "Prompts per scoring forward pass."})
+    batch_size: int = field(
+        default=8,
+        metadata={"doc": "Rows per scoring forward pass: a prompt, or (transformers) the prompts "
+                  "of one report that share a prefix, packed into one row."},
+    )
     generate_batch_size: int = field(
         default=32,
         metadata={"doc": "transformers: summaries decoded together (prompts are prefilled "

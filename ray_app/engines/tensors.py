@@ -4,6 +4,8 @@ padding with the positions generate() would use, and the yes/no score of a batch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ray_app.labelling.scoring import AnswerTokens
@@ -44,3 +46,66 @@ def returned_cache(output):
     the old `past_key_values` name warns), `past_key_values` before."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Rows that each hold one shared prefix and, after it, several suffixes that continue it
+    apart. The prefix is left-padded to the widest; then comes one slot per suffix index, as
+    wide as its longest suffix, each suffix right-aligned in its slot, so that slot j ends at
+    the same column in every row and one `logits_to_keep` list reaches every suffix's end."""
+
+    ids: torch.Tensor  # [rows, width]
+    real: torch.Tensor  # [rows, width], bool: not padding
+    positions: torch.Tensor  # [rows, width]: 0 at each prefix's first token
+    segments: torch.Tensor  # [width]: 0 in the prefix, j + 1 in slot j
+    ends: torch.Tensor  # [slots]: the column of each slot's last token
+
+
+def pack_rows(prefixes: list[list[int]], suffixes: list[list[list[int]]], pad: int,
+              device) -> PackedRows:
+    """Pack each prefix with its suffixes (each suffix non-empty) into one row."""
+    width = max(len(p) for p in prefixes)
+    slot_widths = [max(len(own[j]) for own in suffixes if j < len(own))
+                   for j in range(max(len(own) for own in suffixes))]
+    ids, real, positions = [], [], []
+    for prefix, own in zip(prefixes, suffixes):
+        lead = width - len(prefix)
+        row_ids, row_real = [pad] * lead + prefix, [False] * lead + [True] * len(prefix)
+        row_positions = [0] * lead + list(range(len(prefix)))
+        for j, slot in enumerate(slot_widths):
+            suffix = own[j] if j < len(own) else []
+            gap = slot - len(suffix)
+            row_ids += [pad] * gap + suffix
+            row_real += [False] * gap + [True] * len(suffix)
+            row_positions += [0] * gap + list(range(len(prefix), len(prefix) + len(suffix)))
+        ids.append(row_ids)
+        real.append(row_real)
+        positions.append(row_positions)
+    segments = [0] * width + [j + 1 for j, slot in enumerate(slot_widths) for _ in range(slot)]
+    ends, column = [], width - 1
+    for slot in slot_widths:
+        column += slot
+        ends.append(column)
+    return PackedRows(
+        torch.tensor(ids, device=device), torch.tensor(real, device=device),
+        torch.tensor(positions, device=device), torch.tensor(segments, device=device),
+        torch.tensor(ends, device=device))
+
+
+def packed_attention_mask(rows: PackedRows, cached: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive 4-D mask [rows, 1, width, cached + width] of packed rows that continue
+    `cached` tokens every row sees (a preamble; 0: none): a prefix token sees the prefix up to
+    itself, a suffix token the whole prefix and its own suffix up to itself, never another
+    suffix; padding sees only itself (a query that sees nothing would make NaN). Additive
+    rather than boolean: eager attention adds the mask to its scores, SDPA takes either."""
+    width = rows.segments.shape[0]
+    column = torch.arange(width, device=rows.ids.device)
+    segments = rows.segments
+    visible = (column[None, :] <= column[:, None]) & (
+        (segments[None, :] == 0) | (segments[None, :] == segments[:, None]))
+    allowed = visible[None] & rows.real[:, None, :] & rows.real[:, :, None]
+    allowed |= torch.eye(width, dtype=torch.bool, device=column.device)[None]
+    allowed = torch.cat([allowed.new_ones(len(allowed), width, cached), allowed], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=column.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

@@ -175,11 +175,16 @@ def test_shared_prefix_scores_equal_each_prompt_alone(tiny_model_dir, batch_size
     engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir),
                                       batch_size=batch_size))
     conversations, _ = _questions(REPORT_FIRST_TEMPLATE)
-    ran_shared = []
-    original = engine._score_shared
-    engine._score_shared = lambda groups, *a: (ran_shared.extend(groups), original(groups, *a))[1]
+    ran = {"_score_packed": [], "_score_on_copies": []}
+    for name, groups in ran.items():
+        method = getattr(engine, name)
+        setattr(engine, name, lambda g, *a, m=method, seen=groups: (seen.extend(g), m(g, *a))[1])
     got = engine.score(conversations)
+    ran_shared = ran["_score_packed"] + ran["_score_on_copies"]
     assert sorted(i for g, _ in ran_shared for i in g) == list(range(len(conversations)))
+    # A report's questions carry their definitions, longer together than the report: each
+    # runs on a copy of the report's KV cache rather than packed into one row (`_packs`).
+    assert ran["_score_on_copies"] and not ran["_score_packed"]
     expected = scores_one_by_one(engine, conversations)
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-5
     assert max(got) - min(got) > 0.05, "scores too alike to tell conditions apart"
