@@ -10,7 +10,9 @@ Printed per (run, condition, level) and method: mean balanced accuracy on the ev
 with its standard deviation over the splits, then the mean over every question and how often
 each method beat, tied or lost to the paper's `eer` on the same split. `--synthetic SCENARIO`
 draws seeded label runs instead of reading folders (SCENARIOS below: LLM-like scores that pile
-up between 0.5 and 1.0 for negatives and near 1.0 for the few positives).
+up between 0.5 and 1.0 for negatives and near 1.0 for the few positives). `--oracle` adds the
+column `oracle`: the best threshold chosen on the evaluation part itself, not a method but the
+ceiling of every method: what the scores' ranking allows, whatever the calibration set.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 from scipy.special import logit
+from sklearn.metrics import roc_curve
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,6 +37,9 @@ from ray_app.evaluation.runs import split_reports  # noqa: E402
 from ray_app.evaluation.thresholds import fit_threshold
 
 # --- The comparison ----------------------------------------------------------------------------
+
+
+ORACLE = "oracle"
 
 
 def compare_methods(runs: dict[str, pd.DataFrame], truth: pd.DataFrame, methods: list[str],
@@ -56,10 +62,19 @@ def compare_methods(runs: dict[str, pd.DataFrame], truth: pd.DataFrame, methods:
             key = {"split": split, "run": name, "condition": condition, "level": level,
                    "calibration_positives": int(y[part].sum())}
             for method in methods:
-                threshold = fit_threshold(y[part], s[part], method)
+                if method == ORACLE:
+                    threshold = best_threshold(y[~part], s[~part])
+                else:
+                    threshold = fit_threshold(y[part], s[part], method)
                 rows.append({**key, "method": method, "threshold": threshold,
                              **label_metrics(y[~part], s[~part], threshold)})
     return pd.DataFrame(rows)
+
+
+def best_threshold(y: np.ndarray, s: np.ndarray) -> float:
+    """The threshold of the highest balanced accuracy of `score >= threshold` on (y, s)."""
+    fpr, tpr, thresholds = roc_curve(y, s)
+    return float(thresholds[int(np.argmax(tpr - fpr))])
 
 
 def label_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
@@ -223,11 +238,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--calibration-fraction", type=float, default=0.3)
     parser.add_argument("--methods", nargs="+", default=list(THRESHOLD_METHODS),
                         choices=list(THRESHOLD_METHODS))
+    parser.add_argument("--oracle", action="store_true",
+                        help="add the best threshold on each evaluation part (the ceiling)")
     parser.add_argument("--by-question", action="store_true",
                         help="print the per-question table for synthetic runs too")
     parser.add_argument("--csv", help="also write every (split, question, method) row here")
     parser.add_argument("--s3-endpoint", default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.oracle:
+        args.methods = [*args.methods, ORACLE]
+    return args
 
 
 def print_summary(title: str, results: pd.DataFrame, by_question: bool = True) -> None:

@@ -87,3 +87,19 @@ def test_command_line_on_label_folders(tmp_path, capsys):
     assert set(written["split"]) == {0, 1, 2}
     with pytest.raises(SystemExit, match="--run needs --truth"):
         bench.main(["--run", f"llm={run}"])
+
+
+def test_the_oracle_is_the_ceiling_of_every_method():
+    """The best threshold on the evaluation part itself: no method fitted on the calibration
+    part beats it on the same split, and it is the best of every score as a threshold."""
+    rows, truth = bench.synthetic_data(bench.SCENARIOS["openi-hard"], reports=200, seed=3)
+    methods = ["eer", "eer_binormal", bench.ORACLE]
+    results = bench.compare_methods({"run": rows}, truth, methods, repeats=5)
+    wide = results.pivot_table(index=["split", "condition"], columns="method",
+                               values="balanced_accuracy")
+    assert (wide[bench.ORACLE] >= wide[["eer", "eer_binormal"]].max(axis=1) - 1e-12).all()
+    assert (wide[bench.ORACLE] > wide["eer"]).any()
+    rng = np.random.default_rng(0)
+    y, s = (rng.random(80) < 0.3).astype(int), rng.random(80)
+    best = max(bench.label_metrics(y, s, t)["balanced_accuracy"] for t in s)
+    assert bench.label_metrics(y, s, bench.best_threshold(y, s))["balanced_accuracy"] == best
