@@ -107,7 +107,8 @@ class TransformersEngine(Engine):
         is the same for every report of a run: prompts._system) runs once and its KV cache is
         kept for later calls. Consecutive conversations that share a long prefix (one report's
         level questions; with report-first or definitions-first wording, all of a report's
-        questions) run packed into one row: the prefix once, then each one's own tokens."""
+        questions) run it once: packed into one row with each one's own tokens after it, or,
+        where their own parts are longer than it (`_packs`), each on a copy of its KV cache."""
         texts = [self.formatter.render(c) for c in conversations]
         encoded = self.formatter.encode(texts)
         scores = [0.0] * len(encoded)
@@ -166,8 +167,9 @@ class TransformersEngine(Engine):
             self._score_padded(batch, encoded, scores, base)
         # Similar prefix lengths together: left padding of a short prefix is wasted compute.
         shared.sort(key=lambda entry: entry[1])
-        packed = [entry for entry in shared if _packs(entry, encoded)]
-        copied = [entry for entry in shared if not _packs(entry, encoded)]
+        packed, copied = [], []
+        for entry in shared:
+            (packed if _packs(entry, encoded) else copied).append(entry)
         size = self.config.batch_size
         for start in range(0, len(packed), size):
             self._score_packed(packed[start : start + size], encoded, scores, base)
@@ -229,7 +231,7 @@ class TransformersEngine(Engine):
             out[i] = value
 
     def _score_on_copies(self, groups: list[tuple[list[int], int]], encoded: list[list[int]],
-                      out: list[float], base: _PreambleKV):
+                         out: list[float], base: _PreambleKV):
         """(group, prefix length) pairs, at most batch_size of them, sorted by prefix length:
         each prefix once, then the members' suffixes on copies of their prefix's KV cache. For
         groups whose members' own tokens outweigh their prefix (`_packs`).
