@@ -275,8 +275,9 @@ def main() -> None:
     if args.before:
         print(f"engine: 'before' runs the scoring methods of {args.before}, 'now' this "
               "checkout's, on the same loaded model, interleaved")
-    print("\n| engine | wording | k | s/report | x k=1 | CPU s/report | x k=1 | prompt tokens/report "
-          "| tokens run/report | of them shared prefix | preamble tokens (once a run) | "
+    print("\n| engine | wording | k | s/report | x k=1 | CPU s/report | x k=1 | "
+          "prompt tokens/report | tokens run/report | of them shared prefix | "
+          "preamble tokens (once a run) | "
           "s shared-prefix passes | s unshared passes | forward passes |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for version in engines:
