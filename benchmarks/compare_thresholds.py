@@ -27,7 +27,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 from scipy.special import logit
-from sklearn.metrics import roc_curve
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,19 +61,13 @@ def compare_methods(runs: dict[str, pd.DataFrame], truth: pd.DataFrame, methods:
             key = {"split": split, "run": name, "condition": condition, "level": level,
                    "calibration_positives": int(y[part].sum())}
             for method in methods:
-                if method == ORACLE:
-                    threshold = best_threshold(y[~part], s[~part])
+                if method == ORACLE:  # Youden's J on the evaluation part: its best threshold
+                    threshold = fit_threshold(y[~part], s[~part], "youden")
                 else:
                     threshold = fit_threshold(y[part], s[part], method)
                 rows.append({**key, "method": method, "threshold": threshold,
                              **label_metrics(y[~part], s[~part], threshold)})
     return pd.DataFrame(rows)
-
-
-def best_threshold(y: np.ndarray, s: np.ndarray) -> float:
-    """The threshold of the highest balanced accuracy of `score >= threshold` on (y, s)."""
-    fpr, tpr, thresholds = roc_curve(y, s)
-    return float(thresholds[int(np.argmax(tpr - fpr))])
 
 
 def label_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
