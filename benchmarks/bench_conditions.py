@@ -4,11 +4,11 @@ definitions-first, in one run.
 The paper's wording names the condition in the system message, before the report, so no two
 conditions of a report share a prefix and k conditions cost k full prompts. The `report_first`
 variant puts the role and the report first and the definition and question after, so the
-transformers engine packs a report's questions into one row: everything up to the report once,
-then each condition's definition and question, kept apart by the attention mask. The
-`definitions_first` variant puts the definitions of all k conditions before the report: that
-preamble runs once per run, the report once per report, and each condition adds only a short
-question.
+transformers engine computes everything up to the report once per report and runs each
+condition's definition and question on a copy of its KV cache. The `definitions_first` variant
+puts the definitions of all k conditions before the report: that preamble runs once per run,
+and a report's questions (a short question each) run packed into one row after the report,
+kept apart by the attention mask.
 
     python benchmarks/bench_conditions.py --model smollm2-135m-instruct --reports 24
     python benchmarks/bench_conditions.py --model qwen2.5-coder-1.5b-instruct --dtype bfloat16 \
