@@ -9,6 +9,11 @@ architecture. Its scores mean nothing: use it for the benchmarks' seconds and to
     # on the GPU machine: that folder with random bf16 weights, loadable by the engine
     python benchmarks/random_weights.py --like qwen-arch --out /tmp/qwen-random --weights
     python benchmarks/bench_conditions.py --model /tmp/qwen-random --dtype bfloat16 ...
+
+    # here: the same tokenizer and template on a 2-layer, 128-wide model, whose passes cost
+    # little, so that the benchmark shows the engine's own work (what a GPU does not speed up)
+    python benchmarks/random_weights.py --like qwen2.5-coder-1.5b-instruct --out /tmp/qwen-tiny \
+        --weights --layers 2 --hidden 128
 """
 
 from __future__ import annotations
@@ -27,11 +32,18 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--weights", action="store_true",
                         help="also write random weights (bf16); without it, config and tokenizer only")
+    parser.add_argument("--layers", type=int,
+                        help="keep this many layers (with --hidden: a model whose compute is "
+                             "next to nothing, so its timings are mostly the engine's own work: "
+                             "templates, tokenizing, packing, masks, launching passes)")
+    parser.add_argument("--hidden", type=int, help="hidden size (attention heads scaled to keep "
+                                                      "the head size)")
     args = parser.parse_args()
 
     where = resolve_model(args.like)
     config = AutoConfig.from_pretrained(where.folder, gguf_file=where.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(where.folder, gguf_file=where.gguf_file)
+    shrink(config, args.layers, args.hidden)
     config.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     if args.weights:
@@ -43,6 +55,22 @@ def main() -> None:
     print(f"{args.out}: {config.model_type}, {config.num_hidden_layers} layers, hidden "
           f"{config.hidden_size}, vocabulary {config.vocab_size}"
           f"{', random bf16 weights' if args.weights else ''}")
+
+
+def shrink(config, layers: int | None, hidden: int | None) -> None:
+    """Fewer layers and a narrower model of the same kind; the tokenizer and template stay."""
+    if layers:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
+    if hidden:
+        head_size = config.hidden_size // config.num_attention_heads
+        scale = config.hidden_size // hidden
+        config.num_attention_heads = max(1, config.num_attention_heads // scale)
+        config.num_key_value_heads = max(1, config.num_key_value_heads // scale)
+        config.head_dim = head_size
+        config.hidden_size = config.num_attention_heads * head_size
+        config.intermediate_size = max(1, config.intermediate_size // scale)
 
 
 if __name__ == "__main__":

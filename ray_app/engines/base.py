@@ -125,6 +125,20 @@ class Generation:
 _UNCOUNTED_TOKENS = 64
 
 
+#: Rendered prompts a ChatFormatter keeps (a label call's questions are rendered twice).
+_KEPT_RENDERS = 8192
+
+
+def _conversation_key(conversation: Conversation) -> tuple | None:
+    """A hashable copy of the messages (None if a message holds something unhashable)."""
+    try:
+        key = tuple(tuple(sorted(message.items())) for message in conversation)
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
+
+
 class ChatFormatter:
     """Renders conversations through the tokenizer's own chat template to token ids."""
 
@@ -136,11 +150,24 @@ class ChatFormatter:
             )
         self.tokenizer = tokenizer
         self.answer_tokens: AnswerTokens = answer_tokens(tokenizer)
+        self._rendered: dict[tuple, str] = {}
 
     def render(self, conversation: Conversation) -> str:
-        return self.tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
-        )
+        """The conversation through the chat template. The labeller asks for each prompt twice
+        (its context check, then the engine), and the template (~85 us a prompt) was the
+        largest part of the engine's own time left where the model's is small (a GPU), so the
+        last few thousand renders are kept, keyed by the messages themselves."""
+        key = _conversation_key(conversation)
+        text = self._rendered.get(key) if key is not None else None
+        if text is None:
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            )
+            if key is not None:
+                if len(self._rendered) >= _KEPT_RENDERS:
+                    self._rendered.clear()
+                self._rendered[key] = text
+        return text
 
     def token_ids(self, conversation: Conversation) -> list[int]:
         return self.encode([self.render(conversation)])[0]

@@ -11,11 +11,16 @@ import torch
 from ray_app.labelling.scoring import AnswerTokens
 
 
-def yes_scores(last_logits: torch.Tensor, tokens: AnswerTokens) -> torch.Tensor:
-    """Vectorised p(yes)/(p(yes)+p(no)) for a [batch, vocab] tensor of logits."""
-    logits = last_logits.float()
-    log_yes = torch.logsumexp(logits[:, list(tokens.yes_ids)], dim=-1)
-    log_no = torch.logsumexp(logits[:, list(tokens.no_ids)], dim=-1)
+def yes_scores(logits: torch.Tensor, tokens: AnswerTokens) -> torch.Tensor:
+    """Vectorised p(yes)/(p(yes)+p(no)) for logits [..., vocab] -> [...]. The answer tokens'
+    columns are taken before anything else: converting or copying a whole vocabulary per
+    answer (Qwen: 152k) cost more than the rest of a pass when the model's own work is small
+    (a GPU; benchmarks/bench_conditions.py on a tiny model)."""
+    ids = torch.tensor([*tokens.yes_ids, *tokens.no_ids], device=logits.device)
+    picked = logits.index_select(-1, ids).float()
+    yes = len(tokens.yes_ids)
+    log_yes = torch.logsumexp(picked[..., :yes], dim=-1)
+    log_no = torch.logsumexp(picked[..., yes:], dim=-1)
     return torch.sigmoid(log_yes - log_no)
 
 

@@ -57,6 +57,8 @@ class TransformersEngine(Engine):
         self.model = self._load_model()
         self.stop_ids = self.formatter.stop_token_ids()
         self._preamble_tokens: dict[str, list[int]] = {}
+        # (preamble text, what follows it) -> whether the two tokenize apart as one (_encode)
+        self._splits: dict[tuple[str, str], bool] = {}
         self._preambles: OrderedDict[tuple[int, ...], list] = OrderedDict()
 
     @property
@@ -110,28 +112,61 @@ class TransformersEngine(Engine):
         questions) run it once: packed into one row with each one's own tokens after it, or,
         where their own parts are longer than it (`_packs`), each on a copy of its KV cache."""
         texts = [self.formatter.render(c) for c in conversations]
-        encoded = self.formatter.encode(texts)
+        heads = [self._preamble_head(c, t) for c, t in zip(conversations, texts)]
+        encoded = self._encode(texts, heads)
         scores = [0.0] * len(encoded)
         keys = first_messages(conversations)
         parts: dict[tuple[int, ...], list[int]] = {}
-        for i, (conversation, text) in enumerate(zip(conversations, texts)):
-            parts.setdefault(self._preamble(conversation, text, encoded[i]), []).append(i)
+        for i, head in enumerate(heads):
+            parts.setdefault(self._preamble(head, encoded[i]), []).append(i)
         for preamble, indices in parts.items():
             self._score_part(indices, encoded, [keys[i] for i in indices], preamble, scores)
         return scores
 
-    def _preamble(self, conversation: Conversation, text: str, ids: list[int]) -> tuple[int, ...]:
-        """The tokens of the conversation's preamble (empty if it has none, or a short one).
-        Decided by the conversation alone, never by what else is in the call, so that a score
-        does not depend on its batch (in bf16 a prefix run apart rounds differently)."""
+    def _preamble_head(self, conversation: Conversation, text: str) -> str:
+        """The rendered text of the conversation's preamble ("" if it has none): what the
+        template puts before the system message, then the message's first `preamble` chars."""
         first = conversation[0] if conversation else {}
         chars = first.get("preamble", 0)
         start = text.find(first.get("content", "")) if chars else -1
         if start < 0:
-            return ()
+            return ""
         head = text[: start + chars]
         if head not in self._preamble_tokens:
             self._preamble_tokens[head] = self.tokenizer.encode(head, add_special_tokens=False)
+        return head
+
+    def _encode(self, texts: list[str], heads: list[str]) -> list[list[int]]:
+        """Token ids of the rendered texts, in one tokenizer call. A text with a preamble is
+        tokenized after it (the preamble's tokens are kept) once a text with the same preamble
+        and the same start after it has shown that tokenizing the two apart gives its whole
+        tokens: a definitions-first prompt is ~500 preamble tokens and ~20-150 of its own, and
+        tokenizing every preamble again was the largest part of the engine's own time where the
+        model's is small (a GPU). The preamble ends with a line break, which byte-level BPE
+        tokenizers (Qwen, SmolLM2, Llama 3) never merge across, and their splitting looks only
+        ahead, so the check holds for every text with that start; a tokenizer that merges
+        across it or adds a word-start piece fails the check and keeps tokenizing whole texts."""
+        split = [bool(h) and self._splits.get(_split_key(h, t)) is True
+                 for h, t in zip(heads, texts)]
+        whole = [i for i, s in enumerate(split) if not s]
+        ids = self.formatter.encode([texts[i][len(heads[i]):] if s else texts[i]
+                                     for i, s in enumerate(split)])
+        for i, s in enumerate(split):
+            if s:
+                ids[i] = self._preamble_tokens[heads[i]] + ids[i]
+        for i in whole:
+            key = _split_key(heads[i], texts[i]) if heads[i] else None
+            if key is not None and key not in self._splits and len(self._splits) < _KEPT_SPLITS:
+                tail = self.formatter.encode([texts[i][len(heads[i]):]])[0]
+                self._splits[key] = ids[i] == self._preamble_tokens[heads[i]] + tail
+        return ids
+
+    def _preamble(self, head: str, ids: list[int]) -> tuple[int, ...]:
+        """The tokens of the conversation's preamble (empty if it has none, or a short one).
+        Decided by the conversation alone, never by what else is in the call, so that a score
+        does not depend on its batch (in bf16 a prefix run apart rounds differently)."""
+        if not head:
+            return ()
         n = _common_prefix_len([self._preamble_tokens[head], ids])
         return tuple(ids[:n]) if n >= self.config.min_shared_prefix and n < len(ids) else ()
 
@@ -154,11 +189,12 @@ class TransformersEngine(Engine):
         """Score conversations `indices` (all with this preamble) into `scores`."""
         base = _PreambleKV(len(preamble), self._preamble_cache(preamble) if preamble else [])
         part = [encoded[i] for i in indices]
+        known = base.length  # tokens every conversation of the part shares
         groups = [[indices[k] for k in g]
-                  for g in shared_prefix_groups(part, self.config.min_shared_prefix, keys)]
+                  for g in shared_prefix_groups(part, self.config.min_shared_prefix, keys, known)]
         # Keep at least one token of each member out of the prefix: its logits are the answer;
         # and at least one token of the prefix out of the preamble.
-        shared = [(g, min(_common_prefix_len([encoded[i] for i in g]),
+        shared = [(g, min(_common_prefix_len([encoded[i] for i in g], known),
                           min(len(encoded[i]) for i in g) - 1)) for g in groups if len(g) > 1]
         singles = [g[0] for g in groups if len(g) == 1]
         singles += [i for g, n in shared if n <= base.length for i in g]
@@ -226,7 +262,7 @@ class TransformersEngine(Engine):
                                logits_to_keep=rows.ends).logits
         row_of = torch.tensor([r for r, (g, _) in enumerate(groups) for _ in g], device=self.device)
         slot_of = torch.tensor([j for g, _ in groups for j in range(len(g))], device=self.device)
-        values = yes_scores(logits[row_of, slot_of], self.formatter.answer_tokens).tolist()
+        values = yes_scores(logits, self.formatter.answer_tokens)[row_of, slot_of].tolist()
         for i, value in zip((i for g, _ in groups for i in g), values):
             out[i] = value
 
@@ -411,6 +447,20 @@ class TransformersEngine(Engine):
             torch.cuda.empty_cache()
 
 
+def _split_key(head: str, text: str) -> tuple[str, str] | None:
+    """What decides whether `text` tokenizes as its preamble `head`'s tokens and then its own:
+    the preamble and the next _SPLIT_LOOKAHEAD characters, which must include a non-space one
+    (a tokenizer's split at the preamble's closing line break depends on what follows it up to
+    its first non-space character, no further). None otherwise: such a text is tokenized whole."""
+    after = text[len(head) : len(head) + _SPLIT_LOOKAHEAD]
+    return (head, after) if after.strip() else None
+
+
+# Characters after a preamble that key the tokenizer check (_split_key).
+_SPLIT_LOOKAHEAD = 16
+# (preamble, start) pairs checked per engine; past this, new ones are tokenized whole.
+_KEPT_SPLITS = 4096
+
 # Preamble KV caches an engine keeps (Qwen-1.5B: 28 KB a token in bf16, ~20 MB for 9 definitions).
 _KEPT_PREAMBLES = 4
 
@@ -471,19 +521,20 @@ def _similar_length_runs(lengths: list[int], spread: float = 0.125) -> list[list
     return runs
 
 
-def _common_prefix_len(rows: list[list[int]]) -> int:
-    """Tokens all rows share from the start. A binary search over slice comparisons (which
-    run in C) instead of a loop over tokens: each definitions-first question of a run repeats
-    the ~500-token preamble, and the loop took 0.7 s for 512 reports x 9 conditions."""
+def _common_prefix_len(rows: list[list[int]], start: int = 0) -> int:
+    """Tokens all rows share from the start, of which the caller knows the first `start` (a
+    preamble: not compared again). A binary search over slice comparisons (which run in C)
+    instead of a loop over tokens: each definitions-first question of a run repeats the
+    ~500-token preamble, and the loop took 0.7 s for 512 reports x 9 conditions."""
     first = rows[0]
     n = min(len(r) for r in rows)
     for row in rows[1:]:
-        if row[:n] == first[:n]:
+        if row[start:n] == first[start:n]:
             continue
-        same, differs = 0, n  # first[:same] == row[:same], first[:differs] != row[:differs]
+        same, differs = start, n  # first[:same] == row[:same], first[:differs] != row[:differs]
         while differs - same > 1:
             middle = (same + differs) // 2
-            if row[:middle] == first[:middle]:
+            if row[start:middle] == first[start:middle]:
                 same = middle
             else:
                 differs = middle
@@ -497,7 +548,7 @@ def first_messages(conversations: Sequence[Conversation]) -> list[str]:
 
 
 def shared_prefix_groups(encoded: list[list[int]], min_shared: int,
-                         keys: Sequence[object] | None = None) -> list[list[int]]:
+                         keys: Sequence[object] | None = None, start: int = 0) -> list[list[int]]:
     """Runs of consecutive sequences with the same key as the run's first one and at least
     `min_shared` tokens in common with it.
 
@@ -508,13 +559,14 @@ def shared_prefix_groups(encoded: list[list[int]], min_shared: int,
     split 236 of 300 Open-i reports' report-first questions: short reports, long definitions).
     Runs never span reports: sharing only a preamble saves little, and in bf16 a prefix run
     apart rounds differently, so a report's scores would depend on which reports were scored
-    with it. `keys=None`: tokens alone decide."""
+    with it. `keys=None`: tokens alone decide. `start`: tokens every sequence is known to
+    share (a preamble)."""
     groups: list[list[int]] = []
     for i, ids in enumerate(encoded):
         if groups:
             head = groups[-1][0]
             if ((keys is None or keys[i] == keys[head])
-                    and _common_prefix_len([encoded[head], ids]) >= min_shared):
+                    and _common_prefix_len([encoded[head], ids], start) >= min_shared):
                 groups[-1].append(i)
                 continue
         groups.append([i])

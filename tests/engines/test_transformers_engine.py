@@ -7,6 +7,7 @@ from tiny_model import force_next_tokens, scores_one_by_one
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.engines.transformers_engine import (
     _common_prefix_len,
+    _split_key,
     first_messages,
     shared_prefix_groups,
 )
@@ -233,6 +234,8 @@ def test_common_prefix_length_is_the_tokens_all_rows_share(seed):
            and len({r[expected] for r in rows}) == 1):
         expected += 1
     assert _common_prefix_len(rows) == expected
+    # told that the first tokens are shared (a preamble), it gives the same answer
+    assert _common_prefix_len(rows, start=expected // 2) == expected
 
 
 def test_fits_answers_as_the_token_count_does(tiny_engine, monkeypatch):
@@ -247,3 +250,76 @@ def test_fits_answers_as_the_token_count_does(tiny_engine, monkeypatch):
     # far below the budget the prompt is not tokenized at all
     monkeypatch.setattr(tiny_engine.formatter, "encode", lambda texts: pytest.fail("tokenized"))
     assert tiny_engine.fits(long, 10 * len(tiny_engine.formatter.render(long).encode("utf-8")))
+
+
+def _definitions_first_prompts(engine):
+    conditions = [load_condition(n) for n in ("atelectasis", "cardiomegaly", "pleural_effusion")]
+    template = prompts.bind_conditions(prompts.DEFINITIONS_FIRST_TEMPLATE, conditions)
+    reports = ["FINDINGS: Small left effusion.\nIMPRESSION: Effusion.", "IMPRESSION: Normal.",
+               "FINDINGS: Mild cardiomegaly. No effusion.", "  \n  Heart normal."]
+    conversations = [prompts.direct_conversation(template, c, r)
+                     for r in reports for c in conditions]
+    texts = [engine.formatter.render(c) for c in conversations]
+    heads = [engine._preamble_head(c, t) for c, t in zip(conversations, texts)]
+    assert all(heads) and len(set(heads)) == 1
+    return texts, heads
+
+
+def _spy_encode(engine, monkeypatch):
+    seen, encode = [], engine.formatter.encode
+    monkeypatch.setattr(engine.formatter, "encode",
+                        lambda texts: (seen.extend(texts), encode(texts))[1])
+    return seen
+
+
+def test_prompts_after_a_checked_preamble_are_tokenized_after_it(tiny_model_dir, monkeypatch):
+    """A definitions-first prompt's ~500 preamble tokens are not tokenized again once a prompt
+    with the same preamble and the same start after it showed that tokenizing the two apart
+    gives its whole tokens; the ids are the whole text's either way."""
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir)))
+    texts, heads = _definitions_first_prompts(engine)
+    whole = engine.formatter.encode(texts)
+    seen = _spy_encode(engine, monkeypatch)
+    assert engine._encode(texts, heads) == whole
+    assert len(seen) > len(texts)  # whole texts, then the checks' tails
+    seen.clear()
+    assert engine._encode(texts, heads) == whole
+    assert len(seen) == len(texts) and not any(t.startswith(heads[0]) for t in seen)
+
+
+def test_only_a_preamble_followed_by_text_is_split_off():
+    """Where a tokenizer splits at the preamble's closing line break depends on what follows it
+    up to its first non-space character: a prompt with only spaces there is tokenized whole."""
+    head = "<|im_start|>system\nDefinitions.\n"
+    assert _split_key(head, head + "Report: FINDINGS: x") == (head, "Report: FINDINGS")
+    assert _split_key(head, head + " " * 20 + "Report") is None
+
+
+def test_a_tokenizer_that_splits_the_preamble_otherwise_keeps_whole_prompts(tiny_model_dir,
+                                                                            monkeypatch):
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir)))
+    texts, heads = _definitions_first_prompts(engine)
+    whole = engine.formatter.encode(texts)
+    # As if the tokenizer merged the preamble's closing line break with what follows it.
+    engine._preamble_tokens[heads[0]] = engine._preamble_tokens[heads[0]][:-1] + [7]
+    seen = _spy_encode(engine, monkeypatch)
+    engine._encode(texts, heads)
+    assert set(engine._splits.values()) == {False}
+    seen.clear()
+    assert engine._encode(texts, heads) == whole
+    assert seen == texts
+
+
+def test_a_rendered_prompt_is_kept_for_the_second_ask(tiny_engine, monkeypatch):
+    """The labeller's context check and the engine render each prompt: the template runs once."""
+    formatter = tiny_engine.formatter
+    calls, render = [], formatter.tokenizer.apply_chat_template
+    monkeypatch.setattr(formatter.tokenizer, "apply_chat_template",
+                        lambda *a, **kw: (calls.append(a), render(*a, **kw))[1])
+    first = [{"role": "user", "content": "Is there a fracture? (cache test 1)"}]
+    other = [{"role": "user", "content": "Is there a fracture? (cache test 2)"}]
+    assert formatter.render(first) == formatter.render([dict(m) for m in first])
+    assert len(calls) == 1
+    assert formatter.render(other) != formatter.render(first) and len(calls) == 2
+    odd = [{"role": "user", "content": "unhashable extra (cache test)", "tags": ["a"]}]
+    assert formatter.render(odd) == formatter.render(odd) and len(calls) == 4

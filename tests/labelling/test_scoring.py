@@ -210,6 +210,17 @@ def test_engine_yes_scores_matches_score_from_logits(scale):
     assert len(set(expected)) > 1  # rows differ, so a row mix-up would show
 
 
+def test_engine_yes_scores_keeps_leading_dimensions():
+    """[rows, slots, vocab] -> [rows, slots]: the packed engine scores every slot at once."""
+    torch = pytest.importorskip("torch")
+    from ray_app.engines.tensors import yes_scores
+
+    logits = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(1)) * 5
+    tokens = AnswerTokens(yes_ids=(5, 9), no_ids=(2,))
+    flat = yes_scores(logits.reshape(12, 32), tokens)
+    assert torch.equal(yes_scores(logits, tokens), flat.reshape(3, 4))
+
+
 def test_engine_yes_scores_bfloat16_input():
     torch = pytest.importorskip("torch")
     from ray_app.engines.tensors import yes_scores
