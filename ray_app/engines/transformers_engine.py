@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import json
 import logging
@@ -13,7 +11,6 @@ from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.utils import logging as hf_logging
 
 from ray_app.engines.attention import cpu_attention
 from ray_app.engines.base import (
@@ -27,7 +24,7 @@ from ray_app.engines.base import (
 )
 from ray_app.engines.batched_decoding import DecodeConfig, DecodedBatch, greedy_decode
 from ray_app.engines.devices import resolve_device, resolve_dtype
-from ray_app.engines.model_sources import resolve_model
+from ray_app.engines.model_sources import quiet_loading, resolve_model
 from ray_app.engines.tensors import (
     left_pad,
     left_padded_positions,
@@ -77,7 +74,7 @@ class TransformersEngine(Engine):
     def _load_model(self):
         log.info("loading %s (%s, %s)", self.location.path, self.dtype, self.device)
         attention = cpu_attention() if self.device.type == "cpu" else None
-        with _quiet_loading():
+        with quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
                 self.location.folder, gguf_file=self.location.gguf_file, dtype=self.dtype,
                 **({"attn_implementation": attention} if attention else {}),
@@ -471,30 +468,6 @@ class _PreambleKV:
 
     length: int
     layers: list
-
-
-@contextlib.contextmanager
-def _quiet_loading():
-    """transformers draws bars while it loads weights and de-quantizes a GGUF file (its own
-    tqdm, which its switch does not reach); from an engine actor Ray forwards them to the job's
-    console as ~180 separate lines. The "loading" log line says what happens. Its advice to load
-    packed GGUF weights in float32 does not hold on a CPU with bf16 instructions (Qwen-1.5B,
-    4 x 150 tokens, interleaved runs: fp32 packed 51 s, bf16 packed 22 s), so it is not shown."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_loading
-
-    bar, bars_on = gguf_loading.tqdm, hf_logging.is_progress_bar_enabled()
-    gguf_quantizer = logging.getLogger("transformers.quantizers.quantizer_gguf")
-    level = gguf_quantizer.level
-    gguf_loading.tqdm = functools.partial(bar, disable=True)
-    hf_logging.disable_progress_bar()
-    gguf_quantizer.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        gguf_loading.tqdm = bar
-        gguf_quantizer.setLevel(level)
-        if bars_on:
-            hf_logging.enable_progress_bar()
 
 
 def _packs(entry: tuple[list[int], int], encoded: list[list[int]]) -> bool:

@@ -123,11 +123,12 @@ def load_base(model_spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any,
     """Base model in `dtype` and its tokenizer, from any model source."""
     from transformers import AutoModelForCausalLM
 
-    from ray_app.engines.model_sources import resolve_model
+    from ray_app.engines.model_sources import quiet_loading, resolve_model
 
     location = resolve_model(model_spec)
-    model = AutoModelForCausalLM.from_pretrained(location.folder, gguf_file=location.gguf_file,
-                                                 dtype=dtype)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(location.folder, gguf_file=location.gguf_file,
+                                                     dtype=dtype)
     return model, load_tokenizer(model_spec)
 
 

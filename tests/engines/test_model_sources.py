@@ -176,3 +176,19 @@ def test_real_smollm2_package_resolves():
     assert loc.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     with open(loc.path, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+def test_loading_is_quiet_inside_and_as_before_after():
+    """No progress bars (transformers' own, and the GGUF de-quantizer's tqdm) while loading, in
+    engine actors and fine-tuning workers alike; the settings come back afterwards."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as hf_logging
+
+    from ray_app.engines.model_sources import quiet_loading
+
+    bar = gguf_loading.tqdm
+    hf_logging.enable_progress_bar()
+    with quiet_loading():
+        assert not hf_logging.is_progress_bar_enabled()
+        assert gguf_loading.tqdm(range(3)).disable
+    assert hf_logging.is_progress_bar_enabled() and gguf_loading.tqdm is bar
