@@ -57,6 +57,7 @@ import pandas as pd
 import torch
 
 from ray_app.engines import EngineConfig
+from ray_app.engines.base import ChatFormatter
 from ray_app.engines.transformers_engine import (
     TransformersEngine,
     _common_prefix_len,
@@ -232,9 +233,13 @@ def computed_tokens(engine: TransformersEngine, labeller: Labeller,
                      for level in [None, *item.condition.levels]]
     texts = [engine.formatter.render(c) for c in conversations]
     encoded = [engine.tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    # This checkout's preamble rule, whichever engine's methods are swapped in.
-    heads = [TransformersEngine._preamble_head(engine, c, t) for c, t in zip(conversations, texts)]
-    preambles = [TransformersEngine._preamble(engine, h, e) for h, e in zip(heads, encoded)]
+    # This checkout's preamble rule, whichever engine's methods and formatter are swapped in.
+    swapped, engine.formatter = engine.formatter, ChatFormatter(engine.tokenizer)
+    try:
+        heads = [engine.formatter.preamble_head(c, t) for c, t in zip(conversations, texts)]
+        preambles = [TransformersEngine._preamble(engine, h, e) for h, e in zip(heads, encoded)]
+    finally:
+        engine.formatter = swapped
     total = sum(len(e) for e in encoded)
     run = prefix = 0
     groups = shared_prefix_groups(encoded, engine.config.min_shared_prefix,

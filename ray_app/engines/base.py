@@ -125,6 +125,20 @@ class Generation:
 _UNCOUNTED_TOKENS = 64
 
 
+def _split_key(head: str, text: str) -> tuple[str, str] | None:
+    """What decides whether `text` tokenizes as its preamble `head`'s tokens and then its own:
+    the preamble and the next _SPLIT_LOOKAHEAD characters, which must include a non-space one
+    (a tokenizer's split at the preamble's closing line break depends on what follows it up to
+    its first non-space character, no further). None otherwise: such a text is tokenized whole."""
+    after = text[len(head) : len(head) + _SPLIT_LOOKAHEAD]
+    return (head, after) if after.strip() else None
+
+
+#: Characters after a preamble that key the tokenizer check (_split_key).
+_SPLIT_LOOKAHEAD = 16
+#: (preamble, start) pairs checked per formatter; past this, new ones are tokenized whole.
+_KEPT_SPLITS = 4096
+
 #: Rendered prompts a ChatFormatter keeps (a label call's questions are rendered twice).
 _KEPT_RENDERS = 8192
 
@@ -151,6 +165,9 @@ class ChatFormatter:
         self.tokenizer = tokenizer
         self.answer_tokens: AnswerTokens = answer_tokens(tokenizer)
         self._rendered: dict[tuple, str] = {}
+        self._preamble_tokens: dict[str, list[int]] = {}
+        # (preamble text, what follows it) -> whether the two tokenize apart as one
+        self._splits: dict[tuple[str, str], bool] = {}
 
     def render(self, conversation: Conversation) -> str:
         """The conversation through the chat template. The labeller asks for each prompt twice
@@ -168,6 +185,55 @@ class ChatFormatter:
                     self._rendered.clear()
                 self._rendered[key] = text
         return text
+
+    def preamble_head(self, conversation: Conversation, text: str) -> str:
+        """The rendered text of the conversation's preamble ("" if it has none): what the
+        template puts before the system message, then the message's first `preamble` chars."""
+        first = conversation[0] if conversation else {}
+        chars = first.get("preamble", 0)
+        start = text.find(first.get("content", "")) if chars else -1
+        if start < 0:
+            return ""
+        head = text[: start + chars]
+        if head not in self._preamble_tokens:
+            self._preamble_tokens[head] = self.tokenizer.encode(head, add_special_tokens=False)
+        return head
+
+    def encode_prompts(self, texts: list[str], heads: list[str]) -> list[list[int]]:
+        """Token ids of the rendered texts (`heads`: their preamble_head), in one tokenizer
+        call. A text with a preamble is tokenized after it (the preamble's tokens are kept) once
+        a text with the same preamble and the same start after it has shown that tokenizing the
+        two apart gives its whole tokens: a definitions-first prompt is ~500 preamble tokens and
+        ~20-150 of its own, and tokenizing every preamble again was the largest part of the
+        engine's own time where the model's is small (a GPU). The preamble ends with a line
+        break, which byte-level BPE tokenizers (Qwen, SmolLM2, Llama 3) never merge across, and
+        their splitting looks only ahead, so the check holds for every text with that start; a
+        tokenizer that merges across it or adds a word-start piece fails the check and keeps
+        tokenizing whole texts."""
+        split = [bool(h) and self._splits.get(_split_key(h, t)) is True
+                 for h, t in zip(heads, texts)]
+        whole = [i for i, s in enumerate(split) if not s]
+        ids = self.encode([texts[i][len(heads[i]):] if s else texts[i]
+                           for i, s in enumerate(split)])
+        for i, s in enumerate(split):
+            if s:
+                ids[i] = self._preamble_tokens[heads[i]] + ids[i]
+        for i in whole:
+            key = _split_key(heads[i], texts[i]) if heads[i] else None
+            if key is not None and key not in self._splits and len(self._splits) < _KEPT_SPLITS:
+                tail = self.encode([texts[i][len(heads[i]):]])[0]
+                self._splits[key] = ids[i] == self._preamble_tokens[heads[i]] + tail
+        return ids
+
+    def preamble_ids(self, head: str) -> list[int]:
+        """The tokens of a preamble that preamble_head returned."""
+        return self._preamble_tokens[head]
+
+    def prompt_ids(self, conversations: Sequence[Conversation]) -> list[list[int]]:
+        """Token ids of each conversation's prompt (encode_prompts)."""
+        texts = [self.render(c) for c in conversations]
+        return self.encode_prompts(texts, [self.preamble_head(c, t)
+                                           for c, t in zip(conversations, texts)])
 
     def token_ids(self, conversation: Conversation) -> list[int]:
         return self.encode([self.render(conversation)])[0]

@@ -53,9 +53,6 @@ class TransformersEngine(Engine):
         self.formatter = ChatFormatter(self.tokenizer)
         self.model = self._load_model()
         self.stop_ids = self.formatter.stop_token_ids()
-        self._preamble_tokens: dict[str, list[int]] = {}
-        # (preamble text, what follows it) -> whether the two tokenize apart as one (_encode)
-        self._splits: dict[tuple[str, str], bool] = {}
         self._preambles: OrderedDict[tuple[int, ...], list] = OrderedDict()
 
     @property
@@ -109,8 +106,8 @@ class TransformersEngine(Engine):
         questions) run it once: packed into one row with each one's own tokens after it, or,
         where their own parts are longer than it (`_packs`), each on a copy of its KV cache."""
         texts = [self.formatter.render(c) for c in conversations]
-        heads = [self._preamble_head(c, t) for c, t in zip(conversations, texts)]
-        encoded = self._encode(texts, heads)
+        heads = [self.formatter.preamble_head(c, t) for c, t in zip(conversations, texts)]
+        encoded = self.formatter.encode_prompts(texts, heads)
         scores = [0.0] * len(encoded)
         keys = first_messages(conversations)
         parts: dict[tuple[int, ...], list[int]] = {}
@@ -120,51 +117,13 @@ class TransformersEngine(Engine):
             self._score_part(indices, encoded, [keys[i] for i in indices], preamble, scores)
         return scores
 
-    def _preamble_head(self, conversation: Conversation, text: str) -> str:
-        """The rendered text of the conversation's preamble ("" if it has none): what the
-        template puts before the system message, then the message's first `preamble` chars."""
-        first = conversation[0] if conversation else {}
-        chars = first.get("preamble", 0)
-        start = text.find(first.get("content", "")) if chars else -1
-        if start < 0:
-            return ""
-        head = text[: start + chars]
-        if head not in self._preamble_tokens:
-            self._preamble_tokens[head] = self.tokenizer.encode(head, add_special_tokens=False)
-        return head
-
-    def _encode(self, texts: list[str], heads: list[str]) -> list[list[int]]:
-        """Token ids of the rendered texts, in one tokenizer call. A text with a preamble is
-        tokenized after it (the preamble's tokens are kept) once a text with the same preamble
-        and the same start after it has shown that tokenizing the two apart gives its whole
-        tokens: a definitions-first prompt is ~500 preamble tokens and ~20-150 of its own, and
-        tokenizing every preamble again was the largest part of the engine's own time where the
-        model's is small (a GPU). The preamble ends with a line break, which byte-level BPE
-        tokenizers (Qwen, SmolLM2, Llama 3) never merge across, and their splitting looks only
-        ahead, so the check holds for every text with that start; a tokenizer that merges
-        across it or adds a word-start piece fails the check and keeps tokenizing whole texts."""
-        split = [bool(h) and self._splits.get(_split_key(h, t)) is True
-                 for h, t in zip(heads, texts)]
-        whole = [i for i, s in enumerate(split) if not s]
-        ids = self.formatter.encode([texts[i][len(heads[i]):] if s else texts[i]
-                                     for i, s in enumerate(split)])
-        for i, s in enumerate(split):
-            if s:
-                ids[i] = self._preamble_tokens[heads[i]] + ids[i]
-        for i in whole:
-            key = _split_key(heads[i], texts[i]) if heads[i] else None
-            if key is not None and key not in self._splits and len(self._splits) < _KEPT_SPLITS:
-                tail = self.formatter.encode([texts[i][len(heads[i]):]])[0]
-                self._splits[key] = ids[i] == self._preamble_tokens[heads[i]] + tail
-        return ids
-
     def _preamble(self, head: str, ids: list[int]) -> tuple[int, ...]:
         """The tokens of the conversation's preamble (empty if it has none, or a short one).
         Decided by the conversation alone, never by what else is in the call, so that a score
         does not depend on its batch (in bf16 a prefix run apart rounds differently)."""
         if not head:
             return ()
-        n = _common_prefix_len([self._preamble_tokens[head], ids])
+        n = _common_prefix_len([self.formatter.preamble_ids(head), ids])
         return tuple(ids[:n]) if n >= self.config.min_shared_prefix and n < len(ids) else ()
 
     def _preamble_cache(self, preamble: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -443,20 +402,6 @@ class TransformersEngine(Engine):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-
-def _split_key(head: str, text: str) -> tuple[str, str] | None:
-    """What decides whether `text` tokenizes as its preamble `head`'s tokens and then its own:
-    the preamble and the next _SPLIT_LOOKAHEAD characters, which must include a non-space one
-    (a tokenizer's split at the preamble's closing line break depends on what follows it up to
-    its first non-space character, no further). None otherwise: such a text is tokenized whole."""
-    after = text[len(head) : len(head) + _SPLIT_LOOKAHEAD]
-    return (head, after) if after.strip() else None
-
-
-# Characters after a preamble that key the tokenizer check (_split_key).
-_SPLIT_LOOKAHEAD = 16
-# (preamble, start) pairs checked per engine; past this, new ones are tokenized whole.
-_KEPT_SPLITS = 4096
 
 # Preamble KV caches an engine keeps (Qwen-1.5B: 28 KB a token in bf16, ~20 MB for 9 definitions).
 _KEPT_PREAMBLES = 4

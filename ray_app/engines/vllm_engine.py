@@ -139,9 +139,9 @@ class VLLMEngine(Engine):
         return kwargs
 
     def _prompts(self, conversations: Sequence[Conversation]) -> list[TokensPrompt]:
-        return [
-            TokensPrompt(prompt_token_ids=self.formatter.token_ids(c)) for c in conversations
-        ]
+        # One tokenizer call for all, each preamble tokenized once (ChatFormatter.prompt_ids).
+        return [TokensPrompt(prompt_token_ids=ids)
+                for ids in self.formatter.prompt_ids(conversations)]
 
     def _run(self, conversations: Sequence[Conversation], params: SamplingParams) -> list:
         if self.llm is None:

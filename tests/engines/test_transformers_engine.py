@@ -5,9 +5,9 @@ import torch
 from tiny_model import force_next_tokens, scores_one_by_one
 
 from ray_app.engines import EngineConfig, make_engine
+from ray_app.engines.base import _split_key
 from ray_app.engines.transformers_engine import (
     _common_prefix_len,
-    _split_key,
     first_messages,
     shared_prefix_groups,
 )
@@ -260,7 +260,7 @@ def _definitions_first_prompts(engine):
     conversations = [prompts.direct_conversation(template, c, r)
                      for r in reports for c in conditions]
     texts = [engine.formatter.render(c) for c in conversations]
-    heads = [engine._preamble_head(c, t) for c, t in zip(conversations, texts)]
+    heads = [engine.formatter.preamble_head(c, t) for c, t in zip(conversations, texts)]
     assert all(heads) and len(set(heads)) == 1
     return texts, heads
 
@@ -280,10 +280,10 @@ def test_prompts_after_a_checked_preamble_are_tokenized_after_it(tiny_model_dir,
     texts, heads = _definitions_first_prompts(engine)
     whole = engine.formatter.encode(texts)
     seen = _spy_encode(engine, monkeypatch)
-    assert engine._encode(texts, heads) == whole
+    assert engine.formatter.encode_prompts(texts, heads) == whole
     assert len(seen) > len(texts)  # whole texts, then the checks' tails
     seen.clear()
-    assert engine._encode(texts, heads) == whole
+    assert engine.formatter.encode_prompts(texts, heads) == whole
     assert len(seen) == len(texts) and not any(t.startswith(heads[0]) for t in seen)
 
 
@@ -301,12 +301,12 @@ def test_a_tokenizer_that_splits_the_preamble_otherwise_keeps_whole_prompts(tiny
     texts, heads = _definitions_first_prompts(engine)
     whole = engine.formatter.encode(texts)
     # As if the tokenizer merged the preamble's closing line break with what follows it.
-    engine._preamble_tokens[heads[0]] = engine._preamble_tokens[heads[0]][:-1] + [7]
+    engine.formatter._preamble_tokens[heads[0]] = engine.formatter._preamble_tokens[heads[0]][:-1] + [7]
     seen = _spy_encode(engine, monkeypatch)
-    engine._encode(texts, heads)
-    assert set(engine._splits.values()) == {False}
+    engine.formatter.encode_prompts(texts, heads)
+    assert set(engine.formatter._splits.values()) == {False}
     seen.clear()
-    assert engine._encode(texts, heads) == whole
+    assert engine.formatter.encode_prompts(texts, heads) == whole
     assert seen == texts
 
 

@@ -175,7 +175,7 @@ def test_definitions_first_prompts_reuse_the_preamble_across_reports(vllm_engine
                      for i, r in enumerate(reports)]
     texts = [tiny_engine.formatter.render(c) for c in conversations]
     encoded = [tiny_engine.formatter.token_ids(c) for c in conversations]
-    preamble = tiny_engine._preamble(tiny_engine._preamble_head(conversations[0], texts[0]),
+    preamble = tiny_engine._preamble(tiny_engine.formatter.preamble_head(conversations[0], texts[0]),
                                      encoded[0])
     block = vllm_engine.llm.llm_engine.vllm_config.cache_config.block_size
     assert len(preamble) >= 4 * block, "the definitions should fill several KV blocks"
