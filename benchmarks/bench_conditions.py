@@ -173,6 +173,9 @@ class EngineVersion:
 
     methods: dict
     formatter: object
+    # Attributes its methods keep state in that this checkout's engine does not create (the
+    # earlier engine's __init__ is not run: it would load the model again).
+    state: dict = field(default_factory=dict)
 
 
 def engine_version(engine: TransformersEngine, before: str | None) -> EngineVersion:
@@ -186,7 +189,9 @@ def engine_version(engine: TransformersEngine, before: str | None) -> EngineVers
         cls, formatter = _engine_at(before, engine)
     methods = {name: types.MethodType(fn, engine) for name, fn in vars(cls).items()
                if inspect.isfunction(fn) and name not in KEPT_METHODS}
-    return EngineVersion(methods, formatter)
+    # Before 2026-12-07 the engine kept its preambles' tokens itself.
+    state = {"_preamble_tokens": {}} if before else {}
+    return EngineVersion(methods, formatter, state)
 
 
 def _engine_at(revision: str, engine: TransformersEngine):
@@ -220,6 +225,8 @@ def use_version(engine: TransformersEngine, version: EngineVersion, timers: Time
     for name, method in version.methods.items():
         setattr(engine, name, method)
     engine.formatter = version.formatter
+    for name, value in version.state.items():
+        setattr(engine, name, value)
     timers.wrap(engine)
 
 
@@ -312,6 +319,9 @@ def main() -> None:
                     use_version(engine, engine_code, timers, swapped)
                     labeller = Labeller(engine, conditions[:k], "direct", template)
                     timers.reset()
+                    # Every prompt is new to a run: no render kept from an earlier round (a run
+                    # keeps its preambles' tokens and KV, computed in the warm-up here).
+                    getattr(engine.formatter, "_rendered", {}).clear()
                     start, cpu_start = time.perf_counter(), time.process_time()
                     rows = labeller.label(tasks)
                     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
