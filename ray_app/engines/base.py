@@ -210,17 +210,13 @@ class ChatFormatter:
         their splitting looks only ahead, so the check holds for every text with that start; a
         tokenizer that merges across it or adds a word-start piece fails the check and keeps
         tokenizing whole texts."""
-        split = [bool(h) and self._splits.get(_split_key(h, t)) is True
-                 for h, t in zip(heads, texts)]
-        whole = [i for i, s in enumerate(split) if not s]
-        ids = self.encode([texts[i][len(heads[i]):] if s else texts[i]
-                           for i, s in enumerate(split)])
-        for i, s in enumerate(split):
+        keys = [_split_key(h, t) if h else None for h, t in zip(heads, texts)]
+        split = [key is not None and self._splits.get(key) is True for key in keys]
+        ids = self.encode([t[len(h):] if s else t for t, h, s in zip(texts, heads, split)])
+        for i, (key, s) in enumerate(zip(keys, split)):
             if s:
                 ids[i] = self._preamble_tokens[heads[i]] + ids[i]
-        for i in whole:
-            key = _split_key(heads[i], texts[i]) if heads[i] else None
-            if key is not None and key not in self._splits and len(self._splits) < _KEPT_SPLITS:
+            elif key is not None and key not in self._splits and len(self._splits) < _KEPT_SPLITS:
                 tail = self.encode([texts[i][len(heads[i]):]])[0]
                 self._splits[key] = ids[i] == self._preamble_tokens[heads[i]] + tail
         return ids
@@ -229,11 +225,16 @@ class ChatFormatter:
         """The tokens of a preamble that preamble_head returned."""
         return self._preamble_tokens[head]
 
+    def encode_conversations(self, conversations: Sequence[Conversation]
+                             ) -> tuple[list[str], list[list[int]]]:
+        """(preamble heads, token ids) of the conversations' prompts (encode_prompts)."""
+        texts = [self.render(c) for c in conversations]
+        heads = [self.preamble_head(c, t) for c, t in zip(conversations, texts)]
+        return heads, self.encode_prompts(texts, heads)
+
     def prompt_ids(self, conversations: Sequence[Conversation]) -> list[list[int]]:
         """Token ids of each conversation's prompt (encode_prompts)."""
-        texts = [self.render(c) for c in conversations]
-        return self.encode_prompts(texts, [self.preamble_head(c, t)
-                                           for c, t in zip(conversations, texts)])
+        return self.encode_conversations(conversations)[1]
 
     def token_ids(self, conversation: Conversation) -> list[int]:
         return self.encode([self.render(conversation)])[0]

@@ -105,9 +105,7 @@ class TransformersEngine(Engine):
         level questions; with report-first or definitions-first wording, all of a report's
         questions) run it once: packed into one row with each one's own tokens after it, or,
         where their own parts are longer than it (`_packs`), each on a copy of its KV cache."""
-        texts = [self.formatter.render(c) for c in conversations]
-        heads = [self.formatter.preamble_head(c, t) for c, t in zip(conversations, texts)]
-        encoded = self.formatter.encode_prompts(texts, heads)
+        heads, encoded = self.formatter.encode_conversations(conversations)
         scores = [0.0] * len(encoded)
         keys = first_messages(conversations)
         parts: dict[tuple[int, ...], list[int]] = {}
