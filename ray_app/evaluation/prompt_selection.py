@@ -114,7 +114,7 @@ def combine_label_rows(runs: dict[str, pd.DataFrame], common_only: bool = False)
         level=[level or None for level in frame["level"]],
         method=first.get("method"),
         score=combine_scores([m["score"].to_numpy(dtype=float) for m in members]),
-        label=None, threshold=None, uncertain=None, summary=None,
+        label=None, threshold=None, uncertain=None, summary=None, evidence=None,
         truncated=np.any([m["truncated"].fillna(False).astype(bool) for m in members], axis=0),
         model=first.get("model"), engine=first.get("engine"),
         definition_hash=members[0]["definition_hash"].to_numpy(),

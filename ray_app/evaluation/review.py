@@ -15,8 +15,8 @@ import pandas as pd
 
 from ray_app.evaluation.calibration import TRUTH_KEY, CalibrationError
 
-REVIEW_COLUMNS = [*TRUTH_KEY, "score", "label", "threshold", "reason", "reference_label", "text",
-                  "reviewed_label"]
+REVIEW_COLUMNS = [*TRUTH_KEY, "score", "label", "threshold", "reason", "reference_label",
+                  "evidence", "text", "reviewed_label"]
 _ANSWERS = {"1": 1, "0": 0, "yes": 1, "no": 0, "true": 1, "false": 0, "y": 1, "n": 0}
 
 
@@ -43,6 +43,8 @@ def review_rows(labels: pd.DataFrame, truth: pd.DataFrame | None = None,
     texts = dict(zip(reports["report_id"].astype(str), reports["text"])) if reports is not None \
         else {}
     picked["text"] = picked["report_id"].map(texts)
+    if "evidence" not in picked:  # a table labelled before rows kept their evidence sentence
+        picked["evidence"] = None
     picked["reviewed_label"] = ""
     return picked[REVIEW_COLUMNS].sort_values([*TRUTH_KEY]).reset_index(drop=True)
 

@@ -20,6 +20,7 @@ from ray_app.labelling.sections import SECTION_KINDS
 
 _BUILTIN_PACKAGE = "ray_app.labelling.condition_specs"
 _ANSWERS = ("yes", "no")
+UNITS = ("report", "sentence")  # what a question is asked about (Condition.unit)
 AUTO = "auto"  # `few_shot: auto`: examples picked per report from an example pool (few_shot.py)
 DEFAULT_FEW_SHOT_K = 4
 # How few-shot turns are laid out (ray_app.labelling.prompts.direct_conversation); part of the
@@ -64,6 +65,10 @@ class Condition:
     synonyms: tuple[str, ...] = field(
         default=(), metadata={"doc": "Phrases the rule baseline looks for; not shown to the LLM."}
     )
+    unit: str = field(default="report", metadata={
+        "doc": "What each question is asked about: 'report' (the kept sections whole) or "
+               "'sentence' (each sentence of them apart; the report scores as its highest "
+               "sentence, which its rows keep as evidence)."})
     prompt: str = field(default="", metadata={
         "doc": "Built-in prompt variant (e.g. report_first) a run uses when it names none; "
                "empty: the paper's wording. Covered by the prompt hash, not the definition's."})
@@ -89,6 +94,8 @@ class Condition:
             fields["few_shot_auto"] = {"k": self.few_shot_k, "pool": self.few_shot_pool}
         if self.few_shot or self.few_shot_auto:  # the question after examples restates its report
             fields["few_shot_layout"] = FEW_SHOT_LAYOUT
+        if self.unit != "report":  # only then: report-unit conditions keep their hash
+            fields["unit"] = self.unit
         payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -119,6 +126,7 @@ def condition_from_dict(data: dict, source: str) -> Condition:
             f"{source}: drop_sections {bad} are not section kinds; use some of {list(SECTION_KINDS)}"
         )
     examples, auto = _few_shot(data.get("few_shot") or [], source)
+    unit = _unit(data, bool(examples or auto), source)
     return Condition(
         name=name,
         definition=definition,
@@ -128,6 +136,7 @@ def condition_from_dict(data: dict, source: str) -> Condition:
         few_shot=tuple(examples),
         few_shot_k=_few_shot_k(data, auto, source),
         synonyms=tuple(_text_list(data.get("synonyms") or [], "synonyms", source)),
+        unit=unit,
         prompt=_preferred_prompt(data, source),
     )
 
@@ -196,6 +205,18 @@ def _few_shot_k(data: dict, auto: bool, source: str) -> int:
         raise ConditionError(f"{source}: 'few_shot_k' must be an even whole number of at least "
                              f"2 (half 'yes' examples, half 'no'), got {k!r}")
     return k
+
+
+def _unit(data: dict, has_examples: bool, source: str) -> str:
+    unit = data.get("unit") or "report"
+    if unit not in UNITS:
+        raise ConditionError(f"{source}: 'unit' must be one of {list(UNITS)}, got {unit!r}")
+    if unit == "sentence" and has_examples:
+        # An example is a whole report with its answer; a sentence-by-sentence question
+        # would be shown reports where it is asked about one sentence.
+        raise ConditionError(f"{source}: 'unit: sentence' does not take few_shot examples "
+                             "(they are whole reports); remove few_shot or use unit: report")
+    return unit
 
 
 def _preferred_prompt(data: dict, source: str) -> str:

@@ -15,7 +15,7 @@ from ray_app.labelling import prompts
 from ray_app.labelling.conditions import Condition, FewShotExample
 from ray_app.labelling.few_shot import ExamplePool, FewShotError, bind_pool, pool_users
 from ray_app.labelling.prompts import DEFAULT_TEMPLATE, Conversation, PromptTemplate
-from ray_app.labelling.sections import drop_sections, shorten_report
+from ray_app.labelling.sections import drop_sections, shorten_report, split_sentences
 from ray_app.pipeline.report_tables import LABEL_SCHEMA
 from ray_app.provenance import code_version, utc_now
 
@@ -44,6 +44,7 @@ class _Item:
     truncated: bool
     summary: str | None = None
     examples: tuple[FewShotExample, ...] = ()  # picked for this report (few_shot: auto)
+    sentences: tuple[str, ...] = ()  # what it is asked about one by one (unit: sentence)
 
 
 class Labeller:
@@ -64,6 +65,11 @@ class Labeller:
         direct method); its identity becomes part of their definition hash."""
         if method not in prompts.METHODS:
             raise ValueError(f"method {method!r} is not one of {prompts.METHODS}")
+        by_sentence = [c.name for c in conditions if c.unit == "sentence"]
+        if by_sentence and method == "summary":
+            raise ValueError(f"condition(s) {by_sentence} are asked sentence by sentence "
+                             "(unit: sentence), which the summary method does not do: use the "
+                             "direct method, or condition files with unit: report")
         needs_pool = pool_users(conditions, method)
         if needs_pool and few_shot_pool is None:
             raise FewShotError(f"condition(s) {needs_pool} ask for 'few_shot: auto' but no "
@@ -91,21 +97,43 @@ class Labeller:
                  for t in tasks for name in (t.conditions or tuple(self.conditions))]
         questions = [(item, level) for item in items for level in prompts.question_levels(item.condition)]
         if self.method == "summary":
-            scores = self._summarise_and_score(items)
+            answers = [(score, None) for score in self._summarise_and_score(items)]
         else:
-            scores = self.engine.score([self._question(item, level) for item, level in questions])
+            answers = self._ask(questions)
         stamp = utc_now()
-        return [self._row(item, level, score, stamp) for (item, level), score in zip(questions, scores)]
+        return [self._row(item, level, score, evidence, stamp)
+                for (item, level), (score, evidence) in zip(questions, answers)]
+
+    def _ask(self, questions: list[tuple[_Item, str | None]]) -> list[tuple[float, str | None]]:
+        """Each question's score, in one engine call, and the sentence it came from: a
+        condition with `unit: sentence` is asked about each sentence of the report, and the
+        report scores as its highest (a finding is present if one sentence states it)."""
+        units = [item.sentences or (None,) for item, _ in questions]
+        scores = self.engine.score([self._question(item, level, sentence=sentence)
+                                    for (item, level), sentences in zip(questions, units)
+                                    for sentence in sentences])
+        answers, start = [], 0
+        for sentences in units:
+            asked = scores[start:start + len(sentences)]
+            best = max(range(len(asked)), key=asked.__getitem__)
+            answers.append((asked[best], sentences[best]))
+            start += len(sentences)
+        return answers
 
     def _prepare(self, report_id: str, text: str, condition: Condition) -> _Item:
         report = drop_sections(text, condition.drop_sections)
         examples = self._examples(report_id, report, condition)
         shortened = shorten_report(report, lambda r: self._fits(r, condition, examples))
-        if shortened != report:
+        pieces = split_sentences(report) if condition.unit == "sentence" else ()
+        sentences = tuple(shorten_report(s, lambda r: self._fits(r, condition)) for s in pieces)
+        truncated = shortened != report or sentences != pieces
+        if truncated:
             log.warning("report %s shortened to fit %d tokens (%s)", report_id,
                         self.engine.config.max_context_tokens, condition.name)
-        return _Item(report_id, condition, shortened, truncated=shortened != report,
-                     examples=examples)
+        if condition.unit == "sentence" and not sentences:
+            sentences = (shortened,)  # no sentence with words in it: asked about as it is
+        return _Item(report_id, condition, shortened, truncated=truncated,
+                     examples=examples, sentences=sentences)
 
     def _examples(self, report_id: str, report: str,
                   condition: Condition) -> tuple[FewShotExample, ...]:
@@ -152,16 +180,20 @@ class Labeller:
             item.summary = generation.text
         return [score for item_scores in scores for score in item_scores]
 
-    def _question(self, item: _Item, level: str | None, summary: str = "") -> Conversation:
+    def _question(self, item: _Item, level: str | None, summary: str = "",
+                  sentence: str | None = None) -> Conversation:
+        """The conversation asking about the report, or about one of its sentences in the
+        report's place."""
         if self.method == "summary":
             return prompts.summary_question_conversation(
                 self.template, item.condition, item.report, summary, level
             )
         examples = (*item.condition.few_shot, *item.examples) if item.examples else None
-        return prompts.direct_conversation(self.template, item.condition, item.report, level,
-                                           examples=examples)
+        return prompts.direct_conversation(self.template, item.condition, sentence or item.report,
+                                           level, examples=examples)
 
-    def _row(self, item: _Item, level: str | None, score: float, stamp: str) -> dict[str, Any]:
+    def _row(self, item: _Item, level: str | None, score: float, evidence: str | None,
+             stamp: str) -> dict[str, Any]:
         entry = self.calibration.entry(item.condition.name, level) if self.calibration else None
         return {
             "report_id": item.report_id,
@@ -173,6 +205,7 @@ class Labeller:
             "threshold": None if entry is None else entry.threshold,
             "uncertain": None if entry is None else entry.is_uncertain(score),
             "summary": item.summary,
+            "evidence": evidence,
             "truncated": item.truncated,
             "model": self.engine.model_id,
             "engine": self.engine.name,

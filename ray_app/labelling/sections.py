@@ -152,3 +152,25 @@ def _longest_fitting(limit: int, fits_n: Callable[[int], bool]) -> int | None:
         else:
             high = mid - 1
     return low
+
+
+# A sentence ends at . ! or ? followed by space and a capital, a digit or an opening quote or
+# bracket ("vs. infiltrate" and "5.5 cm" go on), or at a line break; list numbers ("1.") and
+# pieces without words (a lone "2." or "..") are dropped.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])|\s*\n\s*")
+_LIST_NUMBER = re.compile(r"^\(?\d{1,2}[.)]\s+")
+_MIN_LETTERS = 3
+
+
+def split_sentences(text: str) -> tuple[str, ...]:
+    """The sentences of a report's section bodies, in report order, headers left out.
+
+    A condition asked sentence by sentence (`unit: sentence`) is asked about each of these;
+    a report with none (no letters at all) gives no sentences."""
+    sentences = []
+    for section in split_sections(text):
+        for piece in _SENTENCE_END.split(section.body):
+            piece = _LIST_NUMBER.sub("", piece.strip()).strip()
+            if sum(ch.isalpha() for ch in piece) >= _MIN_LETTERS:
+                sentences.append(piece)
+    return tuple(sentences)

@@ -34,7 +34,8 @@ FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "js
 LABEL_SCHEMA = pa.schema([
     ("report_id", pa.string()), ("condition", pa.string()), ("level", pa.string()),
     ("method", pa.string()), ("score", pa.float64()), ("label", pa.bool_()),
-    ("threshold", pa.float64()), ("uncertain", pa.bool_()), ("summary", pa.string()), ("truncated", pa.bool_()),
+    ("threshold", pa.float64()), ("uncertain", pa.bool_()), ("summary", pa.string()),
+    ("evidence", pa.string()), ("truncated", pa.bool_()),
     ("model", pa.string()), ("engine", pa.string()), ("definition_hash", pa.string()),
     ("prompt_hash", pa.string()), ("calibration_id", pa.string()), ("code_version", pa.string()),
     ("labelled_at", pa.string()),

@@ -40,6 +40,13 @@ def test_review_picks_uncertain_and_disagreeing_rows():
     assert rows["reason"][1] == "calibrated label disagrees with the reference label"
     assert list(rows["text"]) == ["maybe", "healed fracture"]
     assert rows["reference_label"].isna()[0] and rows["reference_label"][1] == 0
+    assert rows["evidence"].isna().all()  # labelled before rows kept an evidence sentence
+
+
+def test_review_shows_the_sentence_that_gave_the_score():
+    labels = label_rows().assign(evidence=[None, "Possible healed rib fracture.", None, None])
+    rows = review_rows(labels)
+    assert list(rows["evidence"]) == ["Possible healed rib fracture."]
 
 
 def test_review_needs_calibrated_labels():

@@ -140,11 +140,16 @@ def test_load_conditions_mixes_builtins_and_files(tmp_path):
         (VALID_YAML.split("few_shot:")[0] + "few_shot: {report: r, answer: 'yes'}\n",
          r"'few_shot' must be a list"),
         (variant("name: foraminal_stenosis", "name: [unclosed"), r"not valid YAML"),
+        (variant("levels:", "unit: paragraph\nlevels:"), r"'unit' must be one of \['report', "
+         r"'sentence'\], got 'paragraph'"),
+        (variant("levels:", "unit: sentence\nlevels:"),
+         r"'unit: sentence' does not take few_shot examples"),
     ],
     ids=["missing-definition", "blank-definition", "missing-name", "name-not-text",
          "unknown-key", "levels-not-list", "levels-not-strings", "level-empty", "levels-dup",
          "bad-drop-kind", "drops-not-list", "bad-answer", "few-shot-missing-answer",
-         "few-shot-extra-key", "few-shot-not-list", "invalid-yaml"],
+         "few-shot-extra-key", "few-shot-not-list", "invalid-yaml", "unknown-unit",
+         "sentence-unit-with-examples"],
 )
 def test_invalid_user_yaml_names_file_and_field(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -216,13 +221,22 @@ def test_definition_hash_is_stable_across_loads_and_layouts(tmp_path):
         {"few_shot": ()},
         {"few_shot": (FewShotExample("Severe left L5-S1 foraminal narrowing.", "no"),
                       FewShotExample("Foramina patent.", "no"))},
+        {"unit": "sentence"},
     ],
     ids=["definition", "display-name", "fewer-levels", "level-order", "drops", "no-few-shot",
-         "few-shot-answer"],
+         "few-shot-answer", "unit"],
 )
 def test_definition_hash_changes_with_what_the_model_is_asked(tmp_path, change):
     condition = load_condition(write(tmp_path, VALID_YAML))
     assert dataclasses.replace(condition, **change).definition_hash() != condition.definition_hash()
+
+
+def test_a_report_unit_keeps_the_hash_conditions_had_before_units(tmp_path):
+    """Calibrations and label runs made before `unit` existed still match their conditions."""
+    without = load_condition(write(tmp_path, VALID_YAML))
+    written = load_condition(write(tmp_path, variant("levels:", "unit: report\nlevels:"), "u.yaml"))
+    assert without.unit == written.unit == "report"
+    assert written.definition_hash() == without.definition_hash() == "34412dea22a8c8e7"
 
 
 def test_definition_hash_ignores_name_when_prompt_wording_is_the_same(tmp_path):

@@ -116,3 +116,47 @@ def test_long_report_is_shortened_keeping_the_impression(tiny_model_dir, conditi
 def test_unknown_method_is_refused(tiny_engine, conditions):
     with pytest.raises(ValueError, match="method 'guess'"):
         Labeller(tiny_engine, conditions, "guess")
+
+
+# --- unit: sentence -----------------------------------------------------------------------------
+
+
+def by_sentence(condition):
+    return dataclasses.replace(condition, unit="sentence")
+
+
+def test_a_sentence_unit_scores_the_report_as_its_highest_sentence(tiny_engine, conditions):
+    """Each sentence is asked about in the report's place; the row keeps the highest score and
+    the sentence that gave it, and equals asking about that sentence as a report of its own."""
+    cancer = by_sentence(conditions[0])
+    row, = Labeller(tiny_engine, [cancer]).label(TASKS[:1])
+    sentences = ["Moderate central canal stenosis at L4-L5.", "No suspicious marrow lesion.",
+                 "No metastasis."]  # the history is dropped, as for the whole report
+    alone = Labeller(tiny_engine, [conditions[0]]).label(
+        [ReportTask(str(i), s) for i, s in enumerate(sentences)])
+    best = max(alone, key=lambda r: r["score"])
+    assert row["evidence"] == sentences[int(best["report_id"])]
+    assert row["score"] == pytest.approx(best["score"], abs=1e-6)
+    assert len({round(r["score"], 6) for r in alone}) > 1  # the sentences score differently
+    assert row["definition_hash"] == cancer.definition_hash() != conditions[0].definition_hash()
+
+
+def test_report_unit_rows_have_no_evidence_and_levels_take_their_own_best_sentence(
+        tiny_engine, conditions):
+    rows = Labeller(tiny_engine, [conditions[0], by_sentence(conditions[1])]).label(TASKS)
+    assert {r["evidence"] for r in rows if r["condition"] == "spinal_cancer"} == {None}
+    stenosis = [r for r in rows if r["condition"] == "spinal_canal_stenosis"]
+    assert len(stenosis) == 2 * 6 and all(r["evidence"] for r in stenosis)
+    only = {r["evidence"] for r in stenosis if r["report_id"] == "b"}
+    assert only == {"Normal lumbar spine MRI."}
+
+
+def test_a_report_without_a_sentence_is_asked_about_whole(tiny_engine, conditions):
+    row, = Labeller(tiny_engine, [by_sentence(conditions[0])]).label([ReportTask("c", "L4-5 ?")])
+    whole, = Labeller(tiny_engine, [conditions[0]]).label([ReportTask("c", "L4-5 ?")])
+    assert row["evidence"] == "L4-5 ?" and row["score"] == pytest.approx(whole["score"], abs=1e-6)
+
+
+def test_the_summary_method_refuses_a_sentence_unit(tiny_engine, conditions):
+    with pytest.raises(ValueError, match=r"\['spinal_cancer'\] are asked sentence by sentence"):
+        Labeller(tiny_engine, [by_sentence(conditions[0])], "summary")

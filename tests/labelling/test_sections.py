@@ -10,6 +10,7 @@ from ray_app.labelling.sections import (
     find_summary,
     shorten_report,
     split_sections,
+    split_sentences,
 )
 
 MRI_REPORT = (
@@ -281,3 +282,25 @@ def test_shorten_keeps_impression_that_comes_first():
     short = shorten_report(text, words_at_most(15))
     assert words_at_most(15)(short)
     assert "IMPRESSION: Severe stenosis." in short
+
+
+# --- split_sentences -----------------------------------------------------------------------------
+
+
+def test_sentences_of_every_section_without_headers_or_list_numbers():
+    text = ("FINDINGS: There may be a small left effusion. Heart size is normal.\n"
+            "IMPRESSION: 1. Possible small effusion. 2. No pneumothorax.")
+    assert split_sentences(text) == ("There may be a small left effusion.", "Heart size is normal.",
+                                     "Possible small effusion.", "No pneumothorax.")
+
+
+@pytest.mark.parametrize("text, sentences", [
+    ("Atelectasis vs. infiltrate at the base.", ("Atelectasis vs. infiltrate at the base.",)),
+    ("A 5.5 cm mass. Stable.", ("A 5.5 cm mass.", "Stable.")),
+    ("No effusion\nclear lungs", ("No effusion", "clear lungs")),
+    ("Effusion? Likely. (See prior.)", ("Effusion?", "Likely.", "(See prior.)")),
+    ("IMPRESSION: 1.\n2. ..", ()),
+    ("", ()),
+], ids=["abbreviation", "decimal", "line-break", "question-and-bracket", "no-words", "empty"])
+def test_sentence_ends(text, sentences):
+    assert split_sentences(text) == sentences
