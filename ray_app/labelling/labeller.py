@@ -109,16 +109,34 @@ class Labeller:
         condition with `unit: sentence` is asked about each sentence of the report, and the
         report scores as its highest (a finding is present if one sentence states it)."""
         units = [item.sentences or (None,) for item, _ in questions]
-        scores = self.engine.score([self._question(item, level, sentence=sentence)
-                                    for (item, level), sentences in zip(questions, units)
-                                    for sentence in sentences])
+        asked = [(question, sentence) for question, sentences in zip(questions, units)
+                 for sentence in sentences]
+        scores = self._score_in_order(asked)
         answers, start = [], 0
         for sentences in units:
-            asked = scores[start:start + len(sentences)]
-            best = max(range(len(asked)), key=asked.__getitem__)
-            answers.append((asked[best], sentences[best]))
+            own = scores[start:start + len(sentences)]
+            best = max(range(len(own)), key=own.__getitem__)
+            answers.append((own[best], sentences[best]))
             start += len(sentences)
         return answers
+
+    def _score_in_order(self, asked: list[tuple[tuple[_Item, str | None], str | None]]
+                        ) -> list[float]:
+        """Scores of (question, sentence) pairs, in their order; asked of the engine report by
+        report and, within a report, sentence by sentence (a stable sort): the engine runs a
+        shared prefix once only for consecutive prompts, and a report's questions about one
+        sentence (one per condition and level) share all but their question."""
+        report_rank: dict[str, int] = {}
+        for (item, _), _ in asked:
+            report_rank.setdefault(item.report_id, len(report_rank))
+        keys = [(report_rank[item.report_id], sentence or "") for (item, _), sentence in asked]
+        order = sorted(range(len(asked)), key=keys.__getitem__)
+        scored = self.engine.score([self._question(item, level, sentence=sentence)
+                                    for (item, level), sentence in (asked[k] for k in order)])
+        scores = [0.0] * len(asked)
+        for k, score in zip(order, scored):
+            scores[k] = score
+        return scores
 
     def _prepare(self, report_id: str, text: str, condition: Condition) -> _Item:
         report = drop_sections(text, condition.drop_sections)

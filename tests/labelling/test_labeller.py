@@ -1,6 +1,7 @@
 """The labeller core with a tiny model: rows, methods, calibration, truncation."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -8,7 +9,7 @@ from ray_app.engines import EngineConfig, make_engine
 from ray_app.evaluation.calibration import Calibration, CalibrationError, ThresholdEntry
 from ray_app.labelling.conditions import load_condition
 from ray_app.labelling.labeller import LABEL_COLUMNS, Labeller, ReportTask
-from ray_app.labelling.prompts import DEFAULT_TEMPLATE
+from ray_app.labelling.prompts import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
 
 REPORT = ("CLINICAL HISTORY: known breast cancer, ?metastasis.\nFINDINGS: Moderate central canal "
           "stenosis at L4-L5. No suspicious marrow lesion.\nIMPRESSION: No metastasis.")
@@ -146,7 +147,7 @@ def test_report_unit_rows_have_no_evidence_and_levels_take_their_own_best_senten
     rows = Labeller(tiny_engine, [conditions[0], by_sentence(conditions[1])]).label(TASKS)
     assert {r["evidence"] for r in rows if r["condition"] == "spinal_cancer"} == {None}
     stenosis = [r for r in rows if r["condition"] == "spinal_canal_stenosis"]
-    assert len(stenosis) == 2 * 6 and all(r["evidence"] for r in stenosis)
+    assert len(stenosis) == 2 * 6 and all(r["evidence"] for r in stenosis)  # overall + 5 levels
     only = {r["evidence"] for r in stenosis if r["report_id"] == "b"}
     assert only == {"Normal lumbar spine MRI."}
 
@@ -160,3 +161,22 @@ def test_a_report_without_a_sentence_is_asked_about_whole(tiny_engine, condition
 def test_the_summary_method_refuses_a_sentence_unit(tiny_engine, conditions):
     with pytest.raises(ValueError, match=r"\['spinal_cancer'\] are asked sentence by sentence"):
         Labeller(tiny_engine, [by_sentence(conditions[0])], "summary")
+
+
+def test_a_reports_questions_about_one_sentence_reach_the_engine_together(
+        tiny_engine, conditions, monkeypatch):
+    """The engine runs a shared prefix once only for consecutive prompts: with the wording
+    that puts the report (here: the sentence) before every condition's question, the prompts
+    about one sentence come one after the other."""
+    seen = []
+    score = tiny_engine.score
+    monkeypatch.setattr(tiny_engine, "score", lambda asked: seen.extend(asked) or score(asked))
+    sentence_conditions = [by_sentence(c) for c in conditions]
+    rows = Labeller(tiny_engine, sentence_conditions,
+                    template=BUILTIN_TEMPLATES["definitions_first"]).label(TASKS)
+    contexts = [json.dumps(conversation[0]) for conversation in seen]  # holds the sentence
+    runs = [c for k, c in enumerate(contexts) if k == 0 or contexts[k - 1] != c]
+    # Report a: three sentences, and its history (kept for stenosis); report b: one.
+    assert len(runs) == len(set(contexts)) == 4 + 1
+    assert len(seen) == 3 * 1 + 4 * 6 + 1 * (1 + 6)  # per sentence: each condition and level
+    assert len(rows) == 2 * (1 + 6)
