@@ -168,6 +168,11 @@ def labeller_examples(reports: pd.DataFrame, labels: pd.DataFrame,
     """Instruction-tuned labeller: the labelling job's direct-query conversation (sections
     dropped as the condition says) with the human label as the answer, `yes` or `no`."""
     template = prompts.bind_conditions(template, conditions)
+    by_sentence = [c.name for c in conditions if c.unit == "sentence"]
+    if by_sentence:  # hand labels say which reports, not which sentences, show the finding
+        log.warning("condition(s) %s are asked sentence by sentence when labelling (unit: "
+                    "sentence), but their hand labels are per report: the adapter learns from "
+                    "whole reports and will be asked about single sentences", by_sentence)
     report, examples = BuildReport(), []
     by_report = _labels_by_report(labels, {c.name for c in conditions})
     known = {c.name: c for c in conditions}

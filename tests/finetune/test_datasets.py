@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
@@ -86,6 +88,15 @@ def test_labeller_examples_several_conditions_per_report():
     assert report.reports_used == 2
     assert report.skipped["level 'C1-C2' is not a level of stenosis"] == 1
     assert report.skipped["no labels for the chosen conditions"] == 2
+
+
+def test_labeller_examples_of_a_sentence_unit_are_whole_reports_and_say_so(caplog):
+    labels = pd.DataFrame({"report_id": ["full"], "condition": ["cardiomegaly"], "label": [1]})
+    by_sentence = dataclasses.replace(HEART, unit="sentence")
+    examples, _ = labeller_examples(REPORTS, labels, [by_sentence])
+    whole, _ = labeller_examples(REPORTS, labels, [HEART])
+    assert [e.prompt for e in examples] == [e.prompt for e in whole]
+    assert "['cardiomegaly'] are asked sentence by sentence" in caplog.text
 
 
 def test_labeller_rejects_bad_label_tables():
