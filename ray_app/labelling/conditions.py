@@ -126,8 +126,7 @@ def condition_from_dict(data: dict, source: str) -> Condition:
             f"{source}: drop_sections {bad} are not section kinds; use some of {list(SECTION_KINDS)}"
         )
     examples, auto = _few_shot(data.get("few_shot") or [], source)
-    unit = _unit(data, bool(examples or auto), source)
-    return Condition(
+    condition = Condition(
         name=name,
         definition=definition,
         display_name=str(data.get("display_name") or ""),
@@ -136,9 +135,9 @@ def condition_from_dict(data: dict, source: str) -> Condition:
         few_shot=tuple(examples),
         few_shot_k=_few_shot_k(data, auto, source),
         synonyms=tuple(_text_list(data.get("synonyms") or [], "synonyms", source)),
-        unit=unit,
         prompt=_preferred_prompt(data, source),
     )
+    return with_unit(condition, data.get("unit") or "report", source)
 
 
 _REQUIRED_HINTS = {
@@ -207,16 +206,18 @@ def _few_shot_k(data: dict, auto: bool, source: str) -> int:
     return k
 
 
-def _unit(data: dict, has_examples: bool, source: str) -> str:
-    unit = data.get("unit") or "report"
+def with_unit(condition: Condition, unit: object, source: str = "") -> Condition:
+    """The condition asked about each `unit` ('report' or 'sentence') of a report; `source`
+    names the YAML file in errors (else the condition is named)."""
+    where = f"{source}: " if source else f"condition {condition.name}: "
     if unit not in UNITS:
-        raise ConditionError(f"{source}: 'unit' must be one of {list(UNITS)}, got {unit!r}")
-    if unit == "sentence" and has_examples:
+        raise ConditionError(f"{where}'unit' must be one of {list(UNITS)}, got {unit!r}")
+    if unit == "sentence" and (condition.few_shot or condition.few_shot_auto):
         # An example is a whole report with its answer; a sentence-by-sentence question
         # would be shown reports where it is asked about one sentence.
-        raise ConditionError(f"{source}: 'unit: sentence' does not take few_shot examples "
-                             "(they are whole reports); remove few_shot or use unit: report")
-    return unit
+        raise ConditionError(f"{where}'unit: sentence' does not take few_shot examples (they "
+                             "are whole reports); remove few_shot or use unit: report")
+    return dataclasses.replace(condition, unit=unit)
 
 
 def _preferred_prompt(data: dict, source: str) -> str:

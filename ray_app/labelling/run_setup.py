@@ -18,7 +18,7 @@ from ray_app.engines.dry_run import DryRunEngine, dry_run_identity
 from ray_app.evaluation.calibration import Calibration, CalibrationError
 from ray_app.labelling import few_shot
 from ray_app.labelling import rule_baseline as rules
-from ray_app.labelling.conditions import Condition, load_conditions
+from ray_app.labelling.conditions import Condition, load_conditions, with_unit
 from ray_app.labelling.labeller import Labeller
 from ray_app.labelling.prompts import (
     BUILTIN_TEMPLATES,
@@ -44,12 +44,15 @@ class RunSetup:
 
     @classmethod
     def build(cls, *, method: str, conditions: Sequence[str], engine: EngineConfig,
-              prompt: str | None = None, prompt_name: str | None = None,
+              prompt: str | None = None, prompt_name: str | None = None, unit: str | None = None,
               calibration: str | None = None, few_shot_pool: str | None = None,
               few_shot_truth: str | None = None, id_column: str = "report_id",
               text_column: str = "text", s3_endpoint: str | None = None) -> "RunSetup":
-        """Load each piece once: condition YAMLs, prompt variant, calibration file, example pool."""
+        """Load each piece once: condition YAMLs, prompt variant, calibration file, example pool.
+        `unit` ('report' or 'sentence'), when given, replaces every condition's own."""
         loaded = load_conditions(conditions)
+        if unit is not None:
+            loaded = [with_unit(c, unit) for c in loaded]
         pool = few_shot.pool_for(loaded, method, few_shot_pool, few_shot_truth, id_column,
                                  text_column, s3_endpoint)
         return cls(method=method, conditions=tuple(few_shot.bind_pool(loaded, pool)),

@@ -61,6 +61,10 @@ class LabelJobConfig:
                                 "run); None: the one the conditions' YAMLs ask for, else paper."})
     prompt_name: str | None = field(
         default=None, metadata={"doc": "Which variant of a --prompt file with several."})
+    unit: str | None = field(default=None, metadata={
+        "doc": "'report' or 'sentence': ask each condition about the whole report or about "
+               "each of its sentences (the report scores as its highest); None: what each "
+               "condition's YAML says (unit), else report."})
     few_shot_pool: str | None = field(default=None, metadata={
         "doc": "Reports table (same id/text columns as --input) that conditions with "
                "'few_shot: auto' take their examples from."})
@@ -105,7 +109,7 @@ def run_setup(cfg: LabelJobConfig) -> RunSetup:
     """The run's setup from the job's settings: each piece (conditions, prompt, calibration,
     example pool) loaded once, on the driver."""
     return RunSetup.build(method=cfg.method, conditions=cfg.conditions, engine=cfg.engine,
-                          prompt=cfg.prompt, prompt_name=cfg.prompt_name,
+                          prompt=cfg.prompt, prompt_name=cfg.prompt_name, unit=cfg.unit,
                           calibration=cfg.calibration, few_shot_pool=cfg.few_shot_pool,
                           few_shot_truth=cfg.few_shot_truth, id_column=cfg.id_column,
                           text_column=cfg.text_column, s3_endpoint=cfg.s3_endpoint)

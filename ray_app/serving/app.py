@@ -63,6 +63,8 @@ class AppArgs(BaseModel):
         "'definitions_first'; "
         "None: the one the conditions' YAMLs ask for, else 'paper'.")
     prompt_name: str | None = Field(None, description="Variant of a --prompt file with several.")
+    unit: str | None = Field(None, description="'report' or 'sentence' for every condition; "
+                             "None: each condition's own.")
     few_shot_pool: str | None = Field(
         None, description="Reports table (report_id, text) that conditions with 'few_shot: "
                           "auto' take their examples from; required for them.")
@@ -92,7 +94,8 @@ def run_setup(args: AppArgs) -> RunSetup:
     """The served labeller's setup, as a label job builds its own (ray_app/labelling/run_setup.py)."""
     return RunSetup.build(method=args.method, conditions=args.conditions,
                           engine=EngineConfig.from_dict(args.engine), prompt=args.prompt,
-                          prompt_name=args.prompt_name, calibration=args.calibration,
+                          prompt_name=args.prompt_name, unit=args.unit,
+                          calibration=args.calibration,
                           few_shot_pool=args.few_shot_pool, few_shot_truth=args.few_shot_truth)
 
 

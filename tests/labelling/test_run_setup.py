@@ -111,3 +111,22 @@ def test_an_adapter_trained_on_another_prompt_or_definition_is_named(tmp_path):
     assert setup(prompt="report_first").adapter_mismatch() == (
         "the definitions of ['fracture'] changed since it was trained")
     assert _setup().adapter_mismatch() is None  # no adapter
+
+
+def test_a_runs_unit_replaces_each_conditions_own_and_is_part_of_its_identity(tmp_path):
+    def build(unit, conditions=("cardiomegaly", "fracture")):
+        return RunSetup.build(method="direct", conditions=list(conditions), unit=unit,
+                              engine=EngineConfig(model="m"))
+
+    own, by_sentence, by_report = build(None), build("sentence"), build("report")
+    assert {c.unit for c in by_sentence.conditions} == {"sentence"}
+    assert {c.unit for c in by_report.conditions} == {"report"}
+    assert by_sentence.identity()["conditions"] != by_report.identity()["conditions"]
+    assert own.identity()["conditions"] in (by_sentence.identity()["conditions"],
+                                            by_report.identity()["conditions"])
+    with pytest.raises(ConditionError, match=r"'unit' must be one of \['report', 'sentence'\]"):
+        build("paragraph")
+    examples = tmp_path / "with_examples.yaml"
+    examples.write_text("name: x\ndefinition: An x.\nfew_shot:\n  - {report: r, answer: 'no'}\n")
+    with pytest.raises(ConditionError, match=r"condition x: 'unit: sentence' does not take"):
+        build("sentence", [str(examples)])
