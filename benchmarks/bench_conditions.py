@@ -64,7 +64,7 @@ from ray_app.engines.transformers_engine import (
     first_messages,
     shared_prefix_groups,
 )
-from ray_app.labelling.conditions import load_conditions
+from ray_app.labelling.conditions import UNITS, load_conditions, with_unit
 from ray_app.labelling.labeller import Labeller, ReportTask
 from ray_app.labelling.prompts import BUILTIN_TEMPLATES, PromptTemplate
 from ray_app.pipeline.embedded_default import sample_file
@@ -234,10 +234,7 @@ def computed_tokens(engine: TransformersEngine, labeller: Labeller,
                     tasks: list[ReportTask]) -> tuple[int, int, int, int]:
     """(prompt tokens, tokens the engine runs, of them in shared prefixes, of them in
     preambles) for these tasks, grouped as the engine groups them; a preamble runs once."""
-    conversations = [labeller._question(item, level)
-                     for item in (labeller._prepare(t.report_id, t.text, c)
-                                  for t in tasks for c in labeller.conditions.values())
-                     for level in [None, *item.condition.levels]]
+    conversations = labeller.engine_prompts(tasks)
     texts = [engine.formatter.render(c) for c in conversations]
     encoded = [engine.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     # This checkout's preamble rule, whichever engine's methods and formatter are swapped in.
@@ -275,6 +272,9 @@ def main() -> None:
                              "fastest (a shared machine's noise only ever adds time)")
     parser.add_argument("--data", default=str(OPENI), help="Open-i reports_dev.csv")
     parser.add_argument("--wordings", nargs="+", choices=WORDINGS, default=list(WORDINGS))
+    parser.add_argument("--unit", choices=UNITS, default="report",
+                        help="ask every condition about the whole report (the figures before "
+                             "2026-12-07) or about each sentence (the chest conditions' own)")
     parser.add_argument("--before", default=None,
                         help="a git revision (or an earlier ray_app/engines/transformers_engine.py "
                              "file): its engine's methods are timed too, on the same model, "
@@ -296,7 +296,8 @@ def main() -> None:
     swapped = set().union(*(version.methods for version in engines.values()))
     tasks, source = load_reports(args.reports, args.seed, Path(args.data))
     with tempfile.TemporaryDirectory() as folder:
-        conditions = load_conditions([*CHEST, *write_extra_conditions(Path(folder))])
+        conditions = [with_unit(c, args.unit)
+                      for c in load_conditions([*CHEST, *write_extra_conditions(Path(folder))])]
     templates: dict[str, PromptTemplate] = {w: BUILTIN_TEMPLATES[w] for w in args.wordings}
 
     # Warm-up: every wording once on two reports (allocator, kernels, lazy imports), and every
@@ -343,7 +344,8 @@ def main() -> None:
     print(f"\nconditions benchmark: {args.model}, {args.dtype}, {len(tasks)} reports ({source}), "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads, direct method, fastest "
           f"of {args.repeats} round(s)")
-    print(f"conditions: {', '.join(c.name for c in conditions)} (k = first k)")
+    print(f"conditions: {', '.join(c.name for c in conditions)} (k = first k), each asked "
+          f"about {'each sentence' if args.unit == 'sentence' else 'the whole report'}")
     if args.before:
         print(f"engine: 'before' runs the scoring methods of {args.before}, 'now' this "
               "checkout's, on the same loaded model, interleaved")

@@ -93,9 +93,8 @@ class Labeller:
                 )
 
     def label(self, tasks: Sequence[ReportTask]) -> list[dict[str, Any]]:
-        items = [self._prepare(t.report_id, t.text, self.conditions[name])
-                 for t in tasks for name in (t.conditions or tuple(self.conditions))]
-        questions = [(item, level) for item in items for level in prompts.question_levels(item.condition)]
+        items = self._items(tasks)
+        questions = _questions(items)
         if self.method == "summary":
             answers = [(score, None) for score in self._summarise_and_score(items)]
         else:
@@ -108,35 +107,37 @@ class Labeller:
         """Each question's score, in one engine call, and the sentence it came from: a
         condition with `unit: sentence` is asked about each sentence of the report, and the
         report scores as its highest (a finding is present if one sentence states it)."""
-        units = [item.sentences or (None,) for item, _ in questions]
-        asked = [(question, sentence) for question, sentences in zip(questions, units)
-                 for sentence in sentences]
-        scores = self._score_in_order(asked)
-        answers, start = [], 0
-        for sentences in units:
-            own = scores[start:start + len(sentences)]
-            best = max(range(len(own)), key=own.__getitem__)
-            answers.append((own[best], sentences[best]))
-            start += len(sentences)
-        return answers
+        asked = self._engine_questions(questions)
+        scored = self.engine.score([self._question(item, level, sentence=sentence)
+                                    for (item, level), sentence in asked])
+        by_question: dict[int, list[tuple[float, str | None]]] = {}
+        for (question, sentence), score in zip(asked, scored):
+            by_question.setdefault(id(question), []).append((score, sentence))
+        return [max(by_question[id(q)], key=lambda answer: answer[0]) for q in questions]
 
-    def _score_in_order(self, asked: list[tuple[tuple[_Item, str | None], str | None]]
-                        ) -> list[float]:
-        """Scores of (question, sentence) pairs, in their order; asked of the engine report by
-        report and, within a report, sentence by sentence (a stable sort): the engine runs a
-        shared prefix once only for consecutive prompts, and a report's questions about one
-        sentence (one per condition and level) share all but their question."""
+    def _engine_questions(self, questions: list[tuple[_Item, str | None]]
+                          ) -> list[tuple[tuple[_Item, str | None], str | None]]:
+        """(question, sentence or None for the whole report) pairs in the order the engine is
+        asked them: report by report and, within a report, sentence by sentence (a stable
+        sort). The engine runs a shared prefix once only for consecutive prompts, and a
+        report's questions about one sentence (one per condition and level) share all but
+        their question."""
+        asked = [(question, sentence) for question in questions
+                 for sentence in question[0].sentences or (None,)]
         report_rank: dict[str, int] = {}
         for (item, _), _ in asked:
             report_rank.setdefault(item.report_id, len(report_rank))
-        keys = [(report_rank[item.report_id], sentence or "") for (item, _), sentence in asked]
-        order = sorted(range(len(asked)), key=keys.__getitem__)
-        scored = self.engine.score([self._question(item, level, sentence=sentence)
-                                    for (item, level), sentence in (asked[k] for k in order)])
-        scores = [0.0] * len(asked)
-        for k, score in zip(order, scored):
-            scores[k] = score
-        return scores
+        return sorted(asked, key=lambda pair: (report_rank[pair[0][0].report_id], pair[1] or ""))
+
+    def engine_prompts(self, tasks: Sequence[ReportTask]) -> list[Conversation]:
+        """The conversations that `label(tasks)` (direct method) asks the engine, in its
+        order: what a benchmark counts the tokens of."""
+        asked = self._engine_questions(_questions(self._items(tasks)))
+        return [self._question(item, level, sentence=sentence) for (item, level), sentence in asked]
+
+    def _items(self, tasks: Sequence[ReportTask]) -> list[_Item]:
+        return [self._prepare(t.report_id, t.text, self.conditions[name])
+                for t in tasks for name in (t.conditions or tuple(self.conditions))]
 
     def _prepare(self, report_id: str, text: str, condition: Condition) -> _Item:
         report = drop_sections(text, condition.drop_sections)
@@ -233,3 +234,8 @@ class Labeller:
             "code_version": code_version(),
             "labelled_at": stamp,
         }
+
+
+def _questions(items: list[_Item]) -> list[tuple[_Item, str | None]]:
+    """(item, level) per question: the overall one (level None) and one per level."""
+    return [(item, level) for item in items for level in prompts.question_levels(item.condition)]

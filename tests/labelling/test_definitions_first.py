@@ -14,7 +14,7 @@ from tiny_model import scores_one_by_one
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.evaluation.calibration import Calibration, CalibrationError
 from ray_app.labelling import prompts
-from ray_app.labelling.conditions import Condition, load_conditions
+from ray_app.labelling.conditions import Condition, load_conditions, with_unit
 from ray_app.labelling.labeller import Labeller, ReportTask
 from ray_app.labelling.prompts import (
     DEFINITIONS_FIRST_TEMPLATE,
@@ -38,8 +38,14 @@ LEVELLED = Condition(name="rib_fracture", definition="A rib fracture is a break 
                      levels=("left", "right"))
 
 
+def whole_reports(names: list[str]) -> list[Condition]:
+    """The built-in conditions asked about whole reports (the chest ones ask sentence by
+    sentence): these tests are about the questions of one report."""
+    return [with_unit(c, "report") for c in load_conditions(names)]
+
+
 def _labeller(engine, template=DEFINITIONS_FIRST_TEMPLATE, conditions=None):
-    return Labeller(engine, conditions or [*load_conditions(CHEST), LEVELLED], "direct", template)
+    return Labeller(engine, conditions or [*whole_reports(CHEST), LEVELLED], "direct", template)
 
 
 def test_every_definition_of_the_run_comes_before_the_report_in_name_order():

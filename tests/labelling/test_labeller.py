@@ -180,3 +180,5 @@ def test_a_reports_questions_about_one_sentence_reach_the_engine_together(
     assert len(runs) == len(set(contexts)) == 4 + 1
     assert len(seen) == 3 * 1 + 4 * 6 + 1 * (1 + 6)  # per sentence: each condition and level
     assert len(rows) == 2 * (1 + 6)
+    assert Labeller(tiny_engine, sentence_conditions, template=BUILTIN_TEMPLATES[
+        "definitions_first"]).engine_prompts(TASKS) == seen  # what benchmarks count

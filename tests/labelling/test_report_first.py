@@ -16,7 +16,12 @@ from ray_app.engines.transformers_engine import (
     shared_prefix_groups,
 )
 from ray_app.labelling import prompts
-from ray_app.labelling.conditions import Condition, FewShotExample, load_conditions
+from ray_app.labelling.conditions import (
+    Condition,
+    FewShotExample,
+    load_conditions,
+    with_unit,
+)
 from ray_app.labelling.labeller import Labeller, ReportTask
 from ray_app.labelling.prompts import (
     BUILTIN_TEMPLATES,
@@ -45,6 +50,12 @@ LEVELLED = Condition(
 )
 
 
+def whole_reports(names: list[str]) -> list[Condition]:
+    """The built-in conditions asked about whole reports (the chest ones ask sentence by
+    sentence): these tests are about the questions of one report."""
+    return [with_unit(c, "report") for c in load_conditions(names)]
+
+
 def test_paper_wording_and_its_hashes_are_unchanged():
     assert BUILTIN_TEMPLATES["paper"] is DEFAULT_TEMPLATE
     # Hashes recorded in existing outputs and calibrations: a change here orphans them.
@@ -55,7 +66,7 @@ def test_paper_wording_and_its_hashes_are_unchanged():
 
 
 def test_report_first_puts_the_report_before_any_condition():
-    conditions = load_conditions(CHEST)
+    conditions = whole_reports(CHEST)
     report = REPORTS[0]
     conversations = [prompts.direct_conversation(REPORT_FIRST_TEMPLATE, c, report) for c in conditions]
     systems = {c[0]["content"] for c in conversations}
@@ -111,7 +122,7 @@ def test_label_job_and_serving_accept_a_builtin_name():
 def _questions(template, conditions=None):
     """Questions as the labeller orders them: report by report, condition by condition, level
     by level (the history section dropped as the chest conditions ask)."""
-    conditions = conditions or [*load_conditions(CHEST), LEVELLED]
+    conditions = conditions or [*whole_reports(CHEST), LEVELLED]
     engine = _NoEngine()
     labeller = Labeller(engine, conditions, "direct", template)
     tasks = [ReportTask(f"r{i}", text) for i, text in enumerate(REPORTS)]
