@@ -142,15 +142,19 @@ class Labeller:
     def _prepare(self, report_id: str, text: str, condition: Condition) -> _Item:
         report = drop_sections(text, condition.drop_sections)
         examples = self._examples(report_id, report, condition)
-        shortened = shorten_report(report, lambda r: self._fits(r, condition, examples))
         pieces = split_sentences(report) if condition.unit == "sentence" else ()
-        sentences = tuple(shorten_report(s, lambda r: self._fits(r, condition)) for s in pieces)
-        truncated = shortened != report or sentences != pieces
+        if pieces:  # asked sentence by sentence: each sentence must fit, not the whole report
+            sentences = tuple(shorten_report(s, lambda r: self._fits(r, condition))
+                              for s in pieces)
+            shortened, truncated = report, sentences != pieces
+        else:
+            shortened = shorten_report(report, lambda r: self._fits(r, condition, examples))
+            truncated = shortened != report
+            # A sentence unit whose report has no sentence with words: asked about as it is.
+            sentences = (shortened,) if condition.unit == "sentence" else ()
         if truncated:
             log.warning("report %s shortened to fit %d tokens (%s)", report_id,
                         self.engine.config.max_context_tokens, condition.name)
-        if condition.unit == "sentence" and not sentences:
-            sentences = (shortened,)  # no sentence with words in it: asked about as it is
         return _Item(report_id, condition, shortened, truncated=truncated,
                      examples=examples, sentences=sentences)
 

@@ -10,6 +10,7 @@ from ray_app.evaluation.calibration import Calibration, CalibrationError, Thresh
 from ray_app.labelling.conditions import load_condition
 from ray_app.labelling.labeller import LABEL_COLUMNS, Labeller, ReportTask
 from ray_app.labelling.prompts import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
+from ray_app.labelling.sections import TRUNCATION_MARK
 
 REPORT = ("CLINICAL HISTORY: known breast cancer, ?metastasis.\nFINDINGS: Moderate central canal "
           "stenosis at L4-L5. No suspicious marrow lesion.\nIMPRESSION: No metastasis.")
@@ -112,6 +113,19 @@ def test_long_report_is_shortened_keeping_the_impression(tiny_model_dir, conditi
     item = labeller._prepare("long", report, conditions[1])
     assert item.report.endswith("IMPRESSION: Severe stenosis at L4-L5.")
     assert labeller._fits(item.report, conditions[1])
+
+
+def test_a_long_report_asked_by_sentence_is_not_shortened_but_a_long_sentence_is(
+        tiny_model_dir, conditions):
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir),
+                                      max_context_tokens=400))
+    labeller = Labeller(engine, [by_sentence(conditions[0])])
+    findings = " ".join(f"Finding number {i} is unremarkable." for i in range(200))
+    fine, = labeller.label([ReportTask("long", f"FINDINGS: {findings}")])
+    assert not fine["truncated"] and fine["evidence"].startswith("Finding number")
+    endless = "Finding " + " and ".join(f"number {i}" for i in range(300)) + "."
+    cut, = labeller.label([ReportTask("sentence", endless)])
+    assert cut["truncated"] and TRUNCATION_MARK.strip() in cut["evidence"]
 
 
 def test_unknown_method_is_refused(tiny_engine, conditions):
