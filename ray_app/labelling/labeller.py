@@ -107,33 +107,20 @@ class Labeller:
         """Each question's score, in one engine call, and the sentence it came from: a
         condition with `unit: sentence` is asked about each sentence of the report, and the
         report scores as its highest (a finding is present if one sentence states it)."""
-        asked = self._engine_questions(questions)
-        scored = self.engine.score([self._question(item, level, sentence=sentence)
-                                    for (item, level), sentence in asked])
-        by_question: dict[int, list[tuple[float, str | None]]] = {}
-        for (question, sentence), score in zip(asked, scored):
-            by_question.setdefault(id(question), []).append((score, sentence))
-        return [max(by_question[id(q)], key=lambda answer: answer[0]) for q in questions]
-
-    def _engine_questions(self, questions: list[tuple[_Item, str | None]]
-                          ) -> list[tuple[tuple[_Item, str | None], str | None]]:
-        """(question, sentence or None for the whole report) pairs in the order the engine is
-        asked them: report by report and, within a report, sentence by sentence (a stable
-        sort). The engine runs a shared prefix once only for consecutive prompts, and a
-        report's questions about one sentence (one per condition and level) share all but
-        their question."""
-        asked = [(question, sentence) for question in questions
-                 for sentence in question[0].sentences or (None,)]
-        report_rank: dict[str, int] = {}
-        for (item, _), _ in asked:
-            report_rank.setdefault(item.report_id, len(report_rank))
-        return sorted(asked, key=lambda pair: (report_rank[pair[0][0].report_id], pair[1] or ""))
+        asked = _engine_order(questions)
+        scored = self.engine.score([self._question(*questions[k], sentence=sentence)
+                                    for k, sentence in asked])
+        answers: list[list[tuple[float, str | None]]] = [[] for _ in questions]
+        for (k, sentence), score in zip(asked, scored):
+            answers[k].append((score, sentence))
+        return [max(own, key=lambda answer: answer[0]) for own in answers]
 
     def engine_prompts(self, tasks: Sequence[ReportTask]) -> list[Conversation]:
         """The conversations that `label(tasks)` (direct method) asks the engine, in its
         order: what a benchmark counts the tokens of."""
-        asked = self._engine_questions(_questions(self._items(tasks)))
-        return [self._question(item, level, sentence=sentence) for (item, level), sentence in asked]
+        questions = _questions(self._items(tasks))
+        return [self._question(*questions[k], sentence=sentence)
+                for k, sentence in _engine_order(questions)]
 
     def _items(self, tasks: Sequence[ReportTask]) -> list[_Item]:
         return [self._prepare(t.report_id, t.text, self.conditions[name])
@@ -243,3 +230,17 @@ class Labeller:
 def _questions(items: list[_Item]) -> list[tuple[_Item, str | None]]:
     """(item, level) per question: the overall one (level None) and one per level."""
     return [(item, level) for item in items for level in prompts.question_levels(item.condition)]
+
+
+def _engine_order(questions: list[tuple[_Item, str | None]]) -> list[tuple[int, str | None]]:
+    """(question index, sentence or None for the whole report) in the order the engine is
+    asked them: report by report and, within a report, sentence by sentence (a stable sort).
+    The engine runs a shared prefix once only for consecutive prompts, and a report's questions
+    about one sentence (one per condition and level) share all but their question."""
+    asked = [(k, sentence) for k, (item, _) in enumerate(questions)
+             for sentence in item.sentences or (None,)]
+    report_rank: dict[str, int] = {}
+    for item, _ in questions:
+        report_rank.setdefault(item.report_id, len(report_rank))
+    return sorted(asked, key=lambda pair: (report_rank[questions[pair[0]][0].report_id],
+                                           pair[1] or ""))
