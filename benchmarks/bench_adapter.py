@@ -26,6 +26,7 @@ from ray_app.engines.transformers_engine import TransformersEngine
 from ray_app.finetune.datasets import read_reports
 from ray_app.labelling.conditions import load_conditions
 from ray_app.labelling.labeller import Labeller, ReportTask
+from ray_app.labelling.score_cache import ScoreCache
 from ray_app.pipeline.embedded_default import sample_file
 
 log = logging.getLogger("bench_adapter")
@@ -72,7 +73,9 @@ def main() -> None:
             engine = TransformersEngine(EngineConfig(model=args.model, dtype=args.dtype,
                                                      batch_size=args.batch_size, adapter=adapter,
                                                      merge_adapter=merge))
-            labellers[merge] = Labeller(engine, load_conditions(args.conditions), "direct")
+            # Nothing remembered: each repeat asks the engine again.
+            labellers[merge] = Labeller(engine, load_conditions(args.conditions), "direct",
+                                        score_cache=ScoreCache(0))
         reports = first_reports(args.reports_csv, args.reports)
         seconds = {False: 0.0, True: 0.0}
         scores = {}

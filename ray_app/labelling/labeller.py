@@ -15,6 +15,7 @@ from ray_app.labelling import prompts
 from ray_app.labelling.conditions import Condition, FewShotExample
 from ray_app.labelling.few_shot import ExamplePool, FewShotError, bind_pool, pool_users
 from ray_app.labelling.prompts import DEFAULT_TEMPLATE, Conversation, PromptTemplate
+from ray_app.labelling.score_cache import ScoreCache, question_key
 from ray_app.labelling.sections import drop_sections, shorten_report, split_sentences
 from ray_app.pipeline.report_tables import LABEL_SCHEMA
 from ray_app.provenance import code_version, utc_now
@@ -57,12 +58,15 @@ class Labeller:
         calibration: Calibration | None = None,
         calibrate_every_condition: bool = True,
         few_shot_pool: ExamplePool | None = None,
+        score_cache: ScoreCache | None = None,
     ):
         """`calibrate_every_condition=False` lets conditions the calibration lacks through with
         scores only (the endpoint refuses them per request instead); a calibration made for
         another model, prompt or definition is refused either way. `few_shot_pool` is where
         conditions with `few_shot: auto` take their examples from (required for them with the
-        direct method); its identity becomes part of their definition hash."""
+        direct method); its identity becomes part of their definition hash. `score_cache`
+        remembers the direct method's scores by question (default: DEFAULT_ENTRIES of them;
+        ScoreCache(0) asks the engine every question, once per call)."""
         if method not in prompts.METHODS:
             raise ValueError(f"method {method!r} is not one of {prompts.METHODS}")
         by_sentence = [c.name for c in conditions if c.unit == "sentence"]
@@ -79,6 +83,7 @@ class Labeller:
             self.pool.check(conditions)
             conditions = bind_pool(conditions, self.pool)
         self.engine = engine
+        self.score_cache = score_cache if score_cache is not None else ScoreCache()
         self.conditions = {c.name: c for c in conditions}
         self.method = method
         self.template = prompts.bind_conditions(template, conditions)
@@ -106,21 +111,24 @@ class Labeller:
     def _ask(self, questions: list[tuple[_Item, str | None]]) -> list[tuple[float, str | None]]:
         """Each question's score, in one engine call, and the sentence it came from: a
         condition with `unit: sentence` is asked about each sentence of the report, and the
-        report scores as its highest (a finding is present if one sentence states it)."""
+        report scores as its highest (a finding is present if one sentence states it). A
+        question asked before (a sentence that recurs across reports) is not asked again."""
         asked = _engine_order(questions)
-        scored = self.engine.score([self._question(*questions[k], sentence=sentence)
-                                    for k, sentence in asked])
+        scored = self.score_cache.score([self._question(*questions[k], sentence=sentence)
+                                         for k, sentence in asked], self.engine.score)
         answers: list[list[tuple[float, str | None]]] = [[] for _ in questions]
         for (k, sentence), score in zip(asked, scored):
             answers[k].append((score, sentence))
         return [max(own, key=lambda answer: answer[0]) for own in answers]
 
     def engine_prompts(self, tasks: Sequence[ReportTask]) -> list[Conversation]:
-        """The conversations that `label(tasks)` (direct method) asks the engine, in its
-        order: what a benchmark counts the tokens of."""
+        """The conversations that `label(tasks)` (direct method) asks an engine with nothing
+        remembered, in its order: each distinct question once. What a benchmark counts the
+        tokens of, and what the job's engine probe asks past the cache."""
         questions = _questions(self._items(tasks))
-        return [self._question(*questions[k], sentence=sentence)
-                for k, sentence in _engine_order(questions)]
+        asked = [self._question(*questions[k], sentence=sentence)
+                 for k, sentence in _engine_order(questions)]
+        return list({question_key(c): c for c in asked}.values())
 
     def _items(self, tasks: Sequence[ReportTask]) -> list[_Item]:
         return [self._prepare(t.report_id, t.text, self.conditions[name])

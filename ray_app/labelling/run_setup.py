@@ -20,6 +20,7 @@ from ray_app.labelling import few_shot
 from ray_app.labelling import rule_baseline as rules
 from ray_app.labelling.conditions import Condition, load_conditions, with_unit
 from ray_app.labelling.labeller import Labeller
+from ray_app.labelling.score_cache import DEFAULT_ENTRIES, ScoreCache
 from ray_app.labelling.prompts import (
     BUILTIN_TEMPLATES,
     DEFAULT_TEMPLATE,
@@ -145,11 +146,13 @@ class RunSetup:
             self.calibration.check_applies(model, self.prompt_hash, condition.name,
                                            condition.definition_hash())
 
-    def labeller(self, calibrate_every_condition: bool = True) -> Labeller | rules.RuleLabeller:
-        """The labeller of this setup; loads the engine (on an actor or a replica)."""
+    def labeller(self, calibrate_every_condition: bool = True,
+                 remembered_scores: int = DEFAULT_ENTRIES) -> Labeller | rules.RuleLabeller:
+        """The labeller of this setup; loads the engine (on an actor or a replica). It keeps
+        the scores of up to `remembered_scores` questions (score_cache)."""
         if self.uses_rules:
             return rules.RuleLabeller(list(self.conditions))
         return Labeller(make_engine(self.engine), self.conditions, self.method, self.template,
                         calibration=self.calibration,
                         calibrate_every_condition=calibrate_every_condition,
-                        few_shot_pool=self.pool)
+                        few_shot_pool=self.pool, score_cache=ScoreCache(remembered_scores))

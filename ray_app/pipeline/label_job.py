@@ -27,6 +27,7 @@ from ray_app.labelling import few_shot
 from ray_app.labelling import rule_baseline as rules
 from ray_app.labelling.labeller import ReportTask
 from ray_app.labelling.run_setup import RunSetup
+from ray_app.labelling.score_cache import DEFAULT_ENTRIES
 from ray_app.pipeline import placement, resume
 from ray_app.pipeline import report_tables as tables
 from ray_app.pipeline.placement import Placement
@@ -71,6 +72,10 @@ class LabelJobConfig:
     few_shot_truth: str | None = field(default=None, metadata={
         "doc": "Hand labels (truth CSV) of the --few-shot-pool reports; calibrate on others."})
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"doc": "Model settings."})
+    remembered_scores: int = field(default=DEFAULT_ENTRIES, metadata={
+        "doc": "Questions whose scores each engine actor keeps, so that a question asked again "
+               "(a sentence that recurs across reports, unit: sentence) is not recomputed; "
+               "0: only repeats within one batch are asked once."})
     reports_per_batch: int = field(default=64, metadata={"doc": "Reports per actor call (one file)."})
     min_actors: int | None = field(default=None, metadata={
         "doc": "Engine actors started at once; None: every GPU engine up to the ceiling (the "
@@ -98,6 +103,8 @@ class JobSummary:
     output: str
     actor_peak_rss_mb: float = 0.0  # the largest engine actor's peak resident memory
     actor_peak_private_mb: float = 0.0  # ... of its own memory (no shared object store pages)
+    questions: int = 0  # asked of the labellers (direct method), and of those
+    questions_remembered: int = 0  # answered from a remembered score, without the engine
     driver_peak_rss_mb: float = 0.0  # this process's
 
 
@@ -159,10 +166,11 @@ class LabelActor:
     def __init__(self, cfg: LabelJobConfig, setup: RunSetup):
         placement.record_placement("label-actor")
         self.cfg = cfg
-        self.labeller = setup.labeller()
+        self.labeller = setup.labeller(remembered_scores=cfg.remembered_scores)
         self.out = tables.locate(cfg.output, cfg.s3_endpoint)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        before = self._cache_counts()
         tasks, errors = self._check_rows(batch)
         try:
             rows = self._label(tasks, errors)
@@ -178,10 +186,16 @@ class LabelActor:
             table = tables.rows_table(rows, tables.LABEL_SCHEMA)
             tables.write_table_atomically(table, self.out.child("labels"), key=key)
         pairs = sum(len(t.conditions or ()) for t in tasks)
+        questions, remembered = (now - then for now, then in zip(self._cache_counts(), before))
         return pd.DataFrame({"reports": [len(tasks)], "rows": [len(rows)], "errors": [len(errors)],
-                             "pairs": [pairs],
+                             "pairs": [pairs], "questions": [questions],
+                             "remembered": [remembered],
                              "seen": [len(batch)], "peak_rss_mb": [peak_rss_mb()],
                              "private_mb": [private_mb()]})
+
+    def _cache_counts(self) -> tuple[int, int]:
+        cache = getattr(self.labeller, "score_cache", None)  # None: the rule baseline
+        return (cache.questions, cache.remembered) if cache else (0, 0)
 
     def _check_rows(self, batch: pd.DataFrame) -> tuple[list[ReportTask], list[dict]]:
         tasks, errors = [], []
@@ -233,8 +247,12 @@ class LabelActor:
         cannot answer a plain question either (a CUDA fault, a dead vLLM engine core, an
         out-of-memory state that does not clear) is dead, and no report is to blame."""
         probe = ReportTask("engine-probe", PROBE_REPORT, (next(iter(self.labeller.conditions)),))
-        try:
-            self.labeller.label([probe])
+        engine = getattr(self.labeller, "engine", None)  # None: the rule baseline
+        try:  # the engine itself, not the scores the labeller remembers
+            if engine is None:
+                self.labeller.label([probe])
+            else:
+                engine.score(self.labeller.engine_prompts([probe]))
         except Exception as err:  # noqa: BLE001 - the engine itself is broken
             raise EngineDeadError(f"{type(failure).__name__}: {failure}") from err
 
@@ -404,6 +422,7 @@ def run_label_job(cfg: LabelJobConfig) -> JobSummary:
         seconds=round(time.monotonic() - started, 2),
         actor_peak_rss_mb=totals.get("peak_rss_mb", 0.0),
         actor_peak_private_mb=totals.get("private_mb", 0.0), driver_peak_rss_mb=peak_rss_mb(),
+        questions=totals.get("questions", 0), questions_remembered=totals.get("remembered", 0),
     )
     log.info("done: %s (code %s)", asdict(summary), code_version())
     return summary
@@ -466,7 +485,8 @@ def _plan_batch(batch: pd.DataFrame, cfg: LabelJobConfig, fmt: str, conditions: 
 
 def _follow_progress(stats, expected_pairs: int, cfg: LabelJobConfig) -> dict[str, float]:
     """Drive the pipeline; show (report, condition) pairs done, rate and time left."""
-    totals = {"reports": 0, "rows": 0, "errors": 0, "seen": 0, "pairs": 0}
+    totals = {"reports": 0, "rows": 0, "errors": 0, "seen": 0, "pairs": 0, "questions": 0,
+              "remembered": 0}
     peaks = {"peak_rss_mb": 0.0, "private_mb": 0.0}
     progress = Progress(expected_pairs, "pairs", cfg.progress_every_s)
     try:
