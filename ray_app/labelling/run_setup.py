@@ -20,7 +20,6 @@ from ray_app.labelling import few_shot
 from ray_app.labelling import rule_baseline as rules
 from ray_app.labelling.conditions import Condition, load_conditions, with_unit
 from ray_app.labelling.labeller import Labeller
-from ray_app.labelling.score_cache import DEFAULT_ENTRIES, ScoreCache
 from ray_app.labelling.prompts import (
     BUILTIN_TEMPLATES,
     DEFAULT_TEMPLATE,
@@ -28,6 +27,7 @@ from ray_app.labelling.prompts import (
     bind_conditions,
     run_prompt,
 )
+from ray_app.labelling.score_cache import DEFAULT_ENTRIES, ScoreCache
 from ray_app.provenance import ADAPTER_PROVENANCE
 
 
