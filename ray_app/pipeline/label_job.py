@@ -195,7 +195,7 @@ class LabelActor:
 
     def _cache_counts(self) -> tuple[int, int]:
         cache = getattr(self.labeller, "score_cache", None)  # None: the rule baseline
-        return (cache.questions, cache.remembered) if cache else (0, 0)
+        return (cache.questions, cache.remembered) if cache is not None else (0, 0)
 
     def _check_rows(self, batch: pd.DataFrame) -> tuple[list[ReportTask], list[dict]]:
         tasks, errors = [], []

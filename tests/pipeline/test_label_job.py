@@ -234,6 +234,30 @@ def test_formats_with_custom_column_names(tmp_path, fmt):
     assert (labels["model"] == "dry-run:dry-run-model").all()
 
 
+@pytest.mark.timeout(180)
+def test_an_actor_asks_a_repeated_sentence_once_and_the_summary_counts_it(tmp_path):
+    """Asked by sentence, "No fracture." recurs in three of four reports: one engine actor with
+    remembered scores computes each of the 3 distinct sentences once, whatever the batches;
+    with --remembered-scores 0 only repeats inside one batch of 2 are saved. Same labels."""
+    texts = ["FINDINGS: No fracture. Mild stenosis at L4-L5.", "FINDINGS: No fracture. Normal "
+             "alignment.", "FINDINGS: No fracture.", "FINDINGS: Mild stenosis at L4-L5."]
+    path = write_frame(pd.DataFrame({"report_id": ["a", "b", "c", "d"], "text": texts}),
+                       tmp_path / "reports.csv")
+    base = LabelJobConfig(input=str(path), output="", conditions=["spinal_cancer"], unit="sentence",
+                          engine=_dry_run(), reports_per_batch=2, min_actors=1, max_actors=1)
+    summaries, labels = {}, {}
+    for remembered in (10, 0):
+        cfg = dataclasses.replace(base, output=str(tmp_path / f"out{remembered}"),
+                                  remembered_scores=remembered)
+        summaries[remembered] = run_label_job(cfg)
+        labels[remembered] = _labels(cfg.output).sort_values("report_id")
+    assert summaries[10].questions == summaries[0].questions == 6
+    assert summaries[10].questions_remembered == 6 - 3
+    assert summaries[0].questions_remembered < 3
+    assert labels[10]["score"].tolist() == labels[0]["score"].tolist()
+    assert labels[10]["evidence"].tolist() == labels[0]["evidence"].tolist()
+
+
 @pytest.mark.timeout(120)
 def test_wrong_column_name_fails_fast(tmp_path):
     path = tmp_path / "reports.csv"
