@@ -114,8 +114,7 @@ class Labeller:
         report scores as its highest (a finding is present if one sentence states it). A
         question asked before (a sentence that recurs across reports) is not asked again."""
         asked = _engine_order(questions)
-        scored = self.score_cache.score([self._question(*questions[k], sentence=sentence)
-                                         for k, sentence in asked], self.engine.score)
+        scored = self.score_cache.score(self._conversations(questions, asked), self.engine.score)
         answers: list[list[tuple[float, str | None]]] = [[] for _ in questions]
         for (k, sentence), score in zip(asked, scored):
             answers[k].append((score, sentence))
@@ -126,9 +125,13 @@ class Labeller:
         remembered, in its order: each distinct question once. What a benchmark counts the
         tokens of, and what the job's engine probe asks past the cache."""
         questions = _questions(self._items(tasks))
-        asked = [self._question(*questions[k], sentence=sentence)
-                 for k, sentence in _engine_order(questions)]
+        asked = self._conversations(questions, _engine_order(questions))
         return list({question_key(c): c for c in asked}.values())
+
+    def _conversations(self, questions: list[tuple[_Item, str | None]],
+                       asked: list[tuple[int, str | None]]) -> list[Conversation]:
+        """The conversation of each (question index, sentence) pair of `_engine_order`."""
+        return [self._question(*questions[k], sentence=sentence) for k, sentence in asked]
 
     def _items(self, tasks: Sequence[ReportTask]) -> list[_Item]:
         return [self._prepare(t.report_id, t.text, self.conditions[name])
