@@ -89,5 +89,5 @@ def scores_one_by_one(engine, conversations) -> list[float]:
         ids = torch.tensor([engine.formatter.token_ids(conversation)], device=engine.device)
         with torch.inference_mode():
             logits = engine.model(input_ids=ids).logits[0, -1]
-        scores.append(score_from_logits(logits.tolist(), engine.formatter.answer_tokens))
+        scores.append(score_from_logits(logits.tolist(), engine.formatter.answers(conversation)))
     return scores

@@ -164,10 +164,21 @@ class ChatFormatter:
             )
         self.tokenizer = tokenizer
         self.answer_tokens: AnswerTokens = answer_tokens(tokenizer)
+        self._unsure_tokens: dict[str, AnswerTokens] = {}
         self._rendered: dict[tuple, str] = {}
         self._preamble_tokens: dict[str, list[int]] = {}
         # (preamble text, what follows it) -> whether the two tokenize apart as one
         self._splits: dict[tuple[str, str], bool] = {}
+
+    def answers(self, conversation: Conversation) -> AnswerTokens:
+        """The answer tokens that score this conversation: yes/no, plus the unsure answer its
+        scored turn offers (prompts._asked)."""
+        unsure = conversation[-1].get("unsure", "") if conversation else ""
+        if not unsure:
+            return self.answer_tokens
+        if unsure not in self._unsure_tokens:
+            self._unsure_tokens[unsure] = answer_tokens(self.tokenizer, unsure)
+        return self._unsure_tokens[unsure]
 
     def render(self, conversation: Conversation) -> str:
         """The conversation through the chat template. The labeller asks for each prompt twice

@@ -5,6 +5,7 @@ padding with the positions generate() would use, and the yes/no score of a batch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -12,16 +13,31 @@ from ray_app.labelling.scoring import AnswerTokens
 
 
 def yes_scores(logits: torch.Tensor, tokens: AnswerTokens) -> torch.Tensor:
-    """Vectorised p(yes)/(p(yes)+p(no)) for logits [..., vocab] -> [...]. The answer tokens'
-    columns are taken before anything else: converting or copying a whole vocabulary per
-    answer (Qwen: 152k) cost more than the rest of a pass when the model's own work is small
-    (a GPU; benchmarks/bench_conditions.py on a tiny model)."""
-    ids = torch.tensor([*tokens.yes_ids, *tokens.no_ids], device=logits.device)
+    """Vectorised p(yes)/(p(yes)+p(no)[+p(unsure)]) for logits [..., vocab] -> [...]. The
+    answer tokens' columns are taken before anything else: converting or copying a whole
+    vocabulary per answer (Qwen: 152k) cost more than the rest of a pass when the model's own
+    work is small (a GPU; benchmarks/bench_conditions.py on a tiny model)."""
+    ids = torch.tensor(tokens.all_ids, device=logits.device)
     picked = logits.index_select(-1, ids).float()
     yes = len(tokens.yes_ids)
     log_yes = torch.logsumexp(picked[..., :yes], dim=-1)
-    log_no = torch.logsumexp(picked[..., yes:], dim=-1)
-    return torch.sigmoid(log_yes - log_no)
+    log_against = torch.logsumexp(picked[..., yes:], dim=-1)  # no, and the unsure answer
+    return torch.sigmoid(log_yes - log_against)
+
+
+def row_scores(logits: torch.Tensor, answers: Sequence[AnswerTokens]) -> list[float]:
+    """yes_scores of logits [rows, vocab], each row with its own answer tokens (a call may mix
+    wordings with and without an unsure answer); one pass per distinct set, and no copy of the
+    logits when all rows share one (the usual case: one wording per run)."""
+    if len(set(answers)) == 1:
+        return yes_scores(logits, answers[0]).tolist()
+    scores = [0.0] * len(answers)
+    for tokens in set(answers):
+        rows = [r for r, row_tokens in enumerate(answers) if row_tokens == tokens]
+        picked = logits[torch.tensor(rows, device=logits.device)]
+        for r, value in zip(rows, yes_scores(picked, tokens).tolist()):
+            scores[r] = value
+    return scores
 
 
 def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:

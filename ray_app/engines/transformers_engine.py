@@ -32,9 +32,10 @@ from ray_app.engines.tensors import (
     packed_attention_mask,
     returned_cache,
     right_pad,
-    yes_scores,
+    row_scores,
 )
 from ray_app.labelling.prompts import Conversation
+from ray_app.labelling.scoring import AnswerTokens
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,15 @@ class TransformersEngine(Engine):
         questions) run it once: packed into one row with each one's own tokens after it, or,
         where their own parts are longer than it (`_packs`), each on a copy of its KV cache."""
         heads, encoded = self.formatter.encode_conversations(conversations)
+        answers = [self.formatter.answers(c) for c in conversations]
         scores = [0.0] * len(encoded)
         keys = first_messages(conversations)
         parts: dict[tuple[int, ...], list[int]] = {}
         for i, head in enumerate(heads):
             parts.setdefault(self._preamble(head, encoded[i]), []).append(i)
         for preamble, indices in parts.items():
-            self._score_part(indices, encoded, [keys[i] for i in indices], preamble, scores)
+            self._score_part(indices, encoded, answers, [keys[i] for i in indices], preamble,
+                             scores)
         return scores
 
     def _preamble(self, head: str, ids: list[int]) -> tuple[int, ...]:
@@ -138,9 +141,11 @@ class TransformersEngine(Engine):
             self._preambles.popitem(last=False)
         return self._preambles[preamble]
 
-    def _score_part(self, indices: list[int], encoded: list[list[int]], keys: list[str],
-                    preamble: tuple[int, ...], scores: list[float]) -> None:
-        """Score conversations `indices` (all with this preamble) into `scores`."""
+    def _score_part(self, indices: list[int], encoded: list[list[int]],
+                    answers: list[AnswerTokens], keys: list[str], preamble: tuple[int, ...],
+                    scores: list[float]) -> None:
+        """Score conversations `indices` (all with this preamble; `encoded` and `answers`: every
+        conversation's token ids and answer tokens) into `scores`."""
         base = _PreambleKV(len(preamble), self._preamble_cache(preamble) if preamble else [])
         part = [encoded[i] for i in indices]
         known = base.length  # tokens every conversation of the part shares
@@ -154,7 +159,7 @@ class TransformersEngine(Engine):
         singles += [i for g, n in shared if n <= base.length for i in g]
         shared = [(g, n) for g, n in shared if n > base.length]
         for batch in self._length_batches(singles, encoded):
-            self._score_padded(batch, encoded, scores, base)
+            self._score_padded(batch, encoded, answers, scores, base)
         # Similar prefix lengths together: left padding of a short prefix is wasted compute.
         shared.sort(key=lambda entry: entry[1])
         packed, copied = [], []
@@ -162,9 +167,9 @@ class TransformersEngine(Engine):
             (packed if _packs(entry, encoded) else copied).append(entry)
         size = self.config.batch_size
         for start in range(0, len(packed), size):
-            self._score_packed(packed[start : start + size], encoded, scores, base)
+            self._score_packed(packed[start : start + size], encoded, answers, scores, base)
         for start in range(0, len(copied), size):
-            self._score_on_copies(copied[start : start + size], encoded, scores, base)
+            self._score_on_copies(copied[start : start + size], encoded, answers, scores, base)
 
     def _length_batches(self, indices: list[int], encoded: list[list[int]], size: int | None = None):
         """Batches of similar length, so little compute goes to padding."""
@@ -172,11 +177,11 @@ class TransformersEngine(Engine):
         size = size or self.config.batch_size
         return [order[s : s + size] for s in range(0, len(order), size)]
 
-    def _score_padded(self, indices: list[int], encoded: list[list[int]], out: list[float],
-                      base: _PreambleKV):
+    def _score_padded(self, indices: list[int], encoded: list[list[int]],
+                      answers: list[AnswerTokens], out: list[float], base: _PreambleKV):
         input_ids, mask = self._pad([encoded[i][base.length:] for i in indices])
         logits = self._forward_on(base, input_ids, mask).logits[:, -1, :]
-        for i, value in zip(indices, yes_scores(logits, self.formatter.answer_tokens).tolist()):
+        for i, value in zip(indices, row_scores(logits, [answers[i] for i in indices])):
             out[i] = value
 
     def _forward_on(self, base: _PreambleKV, input_ids: torch.Tensor, mask: torch.Tensor):
@@ -199,7 +204,7 @@ class TransformersEngine(Engine):
         return cache
 
     def _score_packed(self, groups: list[tuple[list[int], int]], encoded: list[list[int]],
-                      out: list[float], base: _PreambleKV):
+                      answers: list[AnswerTokens], out: list[float], base: _PreambleKV):
         """(group, prefix length) pairs, at most batch_size of them, in one pass: a row per
         group holds its prefix and after it every member's own tokens, which the attention mask
         keeps apart (each member sees the preamble, the prefix and itself, and its positions
@@ -216,12 +221,13 @@ class TransformersEngine(Engine):
                                logits_to_keep=rows.ends).logits
         row_of = torch.tensor([r for r, (g, _) in enumerate(groups) for _ in g], device=self.device)
         slot_of = torch.tensor([j for g, _ in groups for j in range(len(g))], device=self.device)
-        values = yes_scores(logits, self.formatter.answer_tokens)[row_of, slot_of].tolist()
-        for i, value in zip((i for g, _ in groups for i in g), values):
+        members = [i for g, _ in groups for i in g]
+        values = row_scores(logits[row_of, slot_of], [answers[i] for i in members])
+        for i, value in zip(members, values):
             out[i] = value
 
     def _score_on_copies(self, groups: list[tuple[list[int], int]], encoded: list[list[int]],
-                         out: list[float], base: _PreambleKV):
+                         answers: list[AnswerTokens], out: list[float], base: _PreambleKV):
         """(group, prefix length) pairs, at most batch_size of them, sorted by prefix length:
         each prefix once, then the members' suffixes on copies of their prefix's KV cache. For
         groups whose members' own tokens outweigh their prefix (`_packs`).
@@ -265,12 +271,13 @@ class TransformersEngine(Engine):
                 cache.update(layer_keys[owner], layer_values[owner], layer_index)
             suffixes = [encoded[i][prefix_lens[k]:] for k, i in part]
             starts = [prefix_lens[k] for k, _ in part]
-            scored = self._score_suffixes(cache, prefix_mask[owner], suffixes, starts)
+            scored = self._score_suffixes(cache, prefix_mask[owner], suffixes, starts,
+                                          [answers[i] for _, i in part])
             for (_, i), value in zip(part, scored):
                 out[i] = value
 
     def _score_suffixes(self, cache, cache_mask: torch.Tensor, suffixes: list[list[int]],
-                        starts: list[int]) -> list[float]:
+                        starts: list[int], answers: list[AnswerTokens]) -> list[float]:
         """Each row's suffix (right-padded) run on its row of `cache`, whose valid positions
         `cache_mask` marks; positions continue from `starts`; the score at each suffix's end."""
         suffix_ids, suffix_mask = right_pad(suffixes, self.tokenizer.pad_token_id, self.device)
@@ -284,7 +291,7 @@ class TransformersEngine(Engine):
         logits = self._forward(suffix_ids, mask, positions, cache=cache, logits_to_keep=ends).logits
         answer_logits = logits[torch.arange(len(suffixes), device=self.device),
                                torch.searchsorted(ends, last)]
-        return yes_scores(answer_logits, self.formatter.answer_tokens).tolist()
+        return row_scores(answer_logits, answers)
 
     def _forward(self, input_ids, mask, positions, cache=None, logits_to_keep=1):
         """One pass; logits for the last `logits_to_keep` positions (0: all of them), or for
@@ -323,11 +330,12 @@ class TransformersEngine(Engine):
         for indices in self._length_batches(list(range(len(encoded))), encoded,
                                             self.config.generate_batch_size):
             batch_generations, decoded = self._generate_batch([encoded[i] for i in indices])
-            questions = [[self.formatter.token_ids(q) for q in follow_ups(i, g.text)]
-                         for i, g in zip(indices, batch_generations)]
-            batch_scores = self._score_on_cache(decoded, questions)
-            for i, generation, row_scores in zip(indices, batch_generations, batch_scores):
-                generations[i], scores[i] = generation, row_scores
+            follow = [list(follow_ups(i, g.text)) for i, g in zip(indices, batch_generations)]
+            questions = [[self.formatter.token_ids(q) for q in group] for group in follow]
+            answers = [[self.formatter.answers(q) for q in group] for group in follow]
+            batch_scores = self._score_on_cache(decoded, questions, answers)
+            for i, generation, values in zip(indices, batch_generations, batch_scores):
+                generations[i], scores[i] = generation, values
         return generations, scores  # type: ignore[return-value]
 
     def _generate_batch(self, batch: list[list[int]]) -> tuple[list[Generation], DecodedBatch]:
@@ -340,15 +348,18 @@ class TransformersEngine(Engine):
         texts = self.tokenizer.batch_decode(decoded.new_tokens, skip_special_tokens=True)
         return [Generation(text.strip(), len(ids)) for ids, text in zip(batch, texts)], decoded
 
-    def _score_on_cache(self, batch: DecodedBatch, questions: list[list[list[int]]]):
-        """Scores of each generation's follow-up questions, in passes of at most batch_size rows
-        (every row holds its own copy of its generation's cache)."""
+    def _score_on_cache(self, batch: DecodedBatch, questions: list[list[list[int]]],
+                        answers: list[list[AnswerTokens]]):
+        """Scores of each generation's follow-up questions (token ids, answer tokens), in
+        passes of at most batch_size rows (every row holds its own copy of its generation's
+        cache)."""
         self._run_stems(batch, questions)
-        rows = []  # (cache row, token ids, tokens of it the cache already holds)
-        for r, group in enumerate(questions):
-            for ids in group:
+        rows = []  # (cache row, token ids, tokens of it the cache already holds, answer tokens)
+        for r, (group, group_answers) in enumerate(zip(questions, answers)):
+            for ids, tokens in zip(group, group_answers):
                 # At least one token left to run: its logits are the answer's.
-                rows.append((r, ids, min(_common_prefix_len([batch.tokens[r], ids]), len(ids) - 1)))
+                reused = min(_common_prefix_len([batch.tokens[r], ids]), len(ids) - 1)
+                rows.append((r, ids, reused, tokens))
         # Suffixes of similar length together: a pass is as wide as its longest suffix.
         order = sorted(range(len(rows)), key=lambda m: len(rows[m][1]) - rows[m][2])
         size = self.config.batch_size
@@ -379,8 +390,8 @@ class TransformersEngine(Engine):
             batch.feed(self._forward, feeds, self.tokenizer.pad_token_id, logits_to_keep=1)
 
     def _score_rows_on_cache(self, batch: DecodedBatch, rows) -> list[float]:
-        owners = torch.tensor([r for r, _, _ in rows], device=self.device)
-        used = [batch.columns[r][:reused] for r, _, reused in rows]
+        owners = torch.tensor([r for r, _, _, _ in rows], device=self.device)
+        used = [batch.columns[r][:reused] for r, _, reused, _ in rows]
         keep = max(cols[-1] + 1 if cols else 1 for cols in used)
         cache = DynamicCache(config=self.model.config)
         for layer_index, layer in enumerate(batch.cache.layers):
@@ -391,8 +402,9 @@ class TransformersEngine(Engine):
         cache_mask = torch.zeros(len(rows), keep, dtype=torch.long, device=self.device)
         for m, cols in enumerate(used):
             cache_mask[m, cols] = 1
-        suffixes = [ids[reused:] for _, ids, reused in rows]
-        return self._score_suffixes(cache, cache_mask, suffixes, [reused for _, _, reused in rows])
+        suffixes = [ids[reused:] for _, ids, reused, _ in rows]
+        return self._score_suffixes(cache, cache_mask, suffixes,
+                                    [reused for _, _, reused, _ in rows], [a for *_, a in rows])
 
     def close(self) -> None:
         self.model = None

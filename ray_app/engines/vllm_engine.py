@@ -171,10 +171,11 @@ class VLLMEngine(Engine):
         return self.formatter.fits(conversation, tokens)
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
-        tokens = self.formatter.answer_tokens
-        answer_ids = tokens.all_ids
+        answers = [self.formatter.answers(c) for c in conversations]
+        answer_ids = sorted({i for tokens in set(answers) for i in tokens.all_ids})
         # One greedy token restricted to the answer ids; asking for as many logprobs as there
-        # are answer ids returns all of them (at most 12 spellings, under vLLM's max_logprobs=20).
+        # are answer ids returns all of them (at most 12 yes/no spellings and 4 of an unsure
+        # answer, under vLLM's max_logprobs=20).
         params = SamplingParams(
             max_tokens=1,
             temperature=0.0,
@@ -183,7 +184,7 @@ class VLLMEngine(Engine):
             detokenize=False,
         )
         scores = []
-        for output in self._run(conversations, params):
+        for output, tokens in zip(self._run(conversations, params), answers):
             position = output.outputs[0].logprobs[0]  # {token id: Logprob} at the answer
             logprobs = {token: entry.logprob for token, entry in position.items()}
             scores.append(score_from_token_logprobs(logprobs, tokens))

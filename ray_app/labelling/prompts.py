@@ -19,7 +19,8 @@ from ray_app.labelling.conditions import Condition, FewShotExample
 
 log = logging.getLogger(__name__)
 
-# role, content and, on a system message, optionally `preamble` (an int: see _system)
+# role, content and, on a system message, optionally `preamble` (an int: see _system); on the
+# scored user turn, optionally `unsure` (the third answer: see _asked)
 Message = dict[str, Any]
 Conversation = list[Message]
 
@@ -56,12 +57,19 @@ class PromptTemplate:
     level_suffix: str = field(
         default=" at {level}", metadata={"doc": "Appended to the condition for a level question."}
     )
+    unsure_answer: str = field(
+        default="",
+        metadata={"doc": "A third answer the wording offers besides 'yes' and 'no' (one word, "
+                         "such as 'maybe'); its probability counts against yes. Empty: yes/no."},
+    )
     name: str = field(default="paper", metadata={"doc": "Label for reports; not hashed."})
 
     def template_hash(self, method: str) -> str:
         """Hash of the wording used by `method`; in every output row."""
         fields = asdict(self)
         fields.pop("name")
+        if not fields["unsure_answer"]:
+            fields.pop("unsure_answer")  # so the hashes of yes/no wordings stay what they were
         if method == "direct":
             fields.pop("summary_request"), fields.pop("summary_question")
         else:
@@ -107,9 +115,24 @@ DEFINITIONS_FIRST_TEMPLATE = PromptTemplate(
     name="definitions_first",
 )
 
+# Definitions first with a third answer: the model may say 'maybe' when a report only raises
+# the condition as a possibility, and that probability counts against yes (scoring.py). A hedge
+# ("possible small effusions") then scores below a statement instead of being split between
+# yes and no by the model's lean (README, label quality).
+DEFINITIONS_FIRST_MAYBE_TEMPLATE = replace(
+    DEFINITIONS_FIRST_TEMPLATE,
+    system=DEFINITIONS_FIRST_TEMPLATE.system.replace(
+        "'yes' for yes, 'no' for no.",
+        "'yes' if the report states it, 'no' if it does not, 'maybe' if the report raises it "
+        "only as a possibility."),
+    unsure_answer="maybe",
+    name="definitions_first_maybe",
+)
+
 # Variants selectable by name wherever a prompt file is accepted (--prompt report_first).
 BUILTIN_TEMPLATES: dict[str, PromptTemplate] = {
-    t.name: t for t in (DEFAULT_TEMPLATE, REPORT_FIRST_TEMPLATE, DEFINITIONS_FIRST_TEMPLATE)
+    t.name: t for t in (DEFAULT_TEMPLATE, REPORT_FIRST_TEMPLATE, DEFINITIONS_FIRST_TEMPLATE,
+                        DEFINITIONS_FIRST_MAYBE_TEMPLATE)
 }
 
 
@@ -164,7 +187,24 @@ def template_from_dict(data: dict, where: str) -> PromptTemplate:
             _check_placeholders(str(data[name]), allowed, f"{where}, field {name!r}")
     if "{report}" not in str(data.get("system", "{report}")):
         raise PromptError(f"{where}: the system field must contain {{report}}")
-    return PromptTemplate(**{k: str(v) for k, v in data.items()})
+    template = PromptTemplate(**{k: str(v) for k, v in data.items()})
+    _check_unsure_answer(template, where)
+    return template
+
+
+def _check_unsure_answer(template: PromptTemplate, where: str) -> None:
+    """An unsure answer is one word that the wording itself offers the model: a word it is
+    never told about would get almost no probability, and the score would not change."""
+    word = template.unsure_answer
+    if not word:
+        return
+    if len(word.split()) != 1:
+        raise PromptError(f"{where}: unsure_answer must be one word (such as 'maybe'), "
+                          f"got {word!r}")
+    offered = (template.system + template.direct_question + template.summary_question).lower()
+    if word.lower() not in offered:
+        raise PromptError(f"{where}: unsure_answer {word!r} is not offered by the wording: "
+                          "say in the system message or the question when to answer it")
 
 
 def _check_placeholders(text: str, allowed: set[str], where: str) -> None:
@@ -250,6 +290,15 @@ def _question(text: str, template: PromptTemplate, condition: Condition, level: 
     )
 
 
+def _asked(template: PromptTemplate, question: str) -> Message:
+    """The user turn whose answer is scored; with `unsure`, the third answer the wording offers
+    (engines count its probability against yes: ChatFormatter.answers)."""
+    message: Message = {"role": "user", "content": question}
+    if template.unsure_answer:
+        message["unsure"] = template.unsure_answer
+    return message
+
+
 def _few_shot_turns(template: PromptTemplate, condition: Condition,
                     examples: Sequence[FewShotExample] | None = None) -> Conversation:
     """Worked examples (`examples`, else the condition's own) as earlier user/assistant turns,
@@ -276,11 +325,7 @@ def direct_conversation(
     turns = _few_shot_turns(template, condition, examples)
     if turns:
         question = f"Report: {report}\n{question}"
-    return [
-        _system(template, condition, report),
-        *turns,
-        {"role": "user", "content": question},
-    ]
+    return [_system(template, condition, report), *turns, _asked(template, question)]
 
 
 def summary_request_conversation(
@@ -303,7 +348,7 @@ def summary_question_conversation(
     return [
         *summary_request_conversation(template, condition, report),
         {"role": "assistant", "content": summary},
-        {"role": "user", "content": question},
+        _asked(template, question),
     ]
 
 

@@ -1,4 +1,6 @@
-"""Yes/no scoring: p(yes) / (p(yes) + p(no)) at the answer position.
+"""Yes/no scoring: p(yes) / (p(yes) + p(no)) at the answer position; with a third, unsure
+answer that the wording offers ('maybe'), p(yes) / (p(yes) + p(no) + p(maybe)): a hedge then
+counts against yes instead of being split between yes and no by the model's lean.
 
 Tokenizers spell the answer several ways (`yes`, ` yes`, `Yes`, `▁Yes`). Every spelling that is
 a single token counts: its probability mass is added to its side. Softmax over the selected
@@ -28,29 +30,45 @@ class AnswerTokenError(ValueError):
 
 @dataclass(frozen=True)
 class AnswerTokens:
-    """Token ids that count as 'yes' and as 'no' for one tokenizer."""
+    """Token ids that count as 'yes', as 'no' and (when the wording offers one) as the unsure
+    answer, for one tokenizer."""
 
     yes_ids: tuple[int, ...]
     no_ids: tuple[int, ...]
+    unsure_ids: tuple[int, ...] = ()
 
     @property
     def all_ids(self) -> list[int]:
-        return [*self.yes_ids, *self.no_ids]
+        return [*self.yes_ids, *self.no_ids, *self.unsure_ids]
+
+    @property
+    def against_ids(self) -> list[int]:
+        """The ids whose mass counts against yes: no, and the unsure answer."""
+        return [*self.no_ids, *self.unsure_ids]
 
 
-def answer_tokens(tokenizer: _Tokenizer) -> AnswerTokens:
-    """Single-token spellings of yes/no, with and without a leading space."""
-    sides = {side: _single_token_ids(tokenizer, words) for side, words in _SPELLINGS.items()}
+def answer_tokens(tokenizer: _Tokenizer, unsure: str = "") -> AnswerTokens:
+    """Single-token spellings of yes/no (and of `unsure`, when given: as written, lower-case and
+    capitalised), with and without a leading space."""
+    spellings = dict(_SPELLINGS)
+    if unsure:
+        spellings[unsure] = tuple(dict.fromkeys((unsure, unsure.lower(), unsure.capitalize())))
+    sides = {side: _single_token_ids(tokenizer, words) for side, words in spellings.items()}
     missing = [side for side, ids in sides.items() if not ids]
     if missing:
         raise AnswerTokenError(
             f"tokenizer {type(tokenizer).__name__} has no single-token spelling of {missing}; "
-            "yes/no scoring needs one (use an instruct model with a standard vocabulary)"
+            "scoring needs one (use an instruct model with a standard vocabulary, and an unsure "
+            "answer that is one word, such as 'maybe')"
         )
-    overlap = set(sides["yes"]) & set(sides["no"])
-    if overlap:
-        raise AnswerTokenError(f"token ids {sorted(overlap)} spell both yes and no")
-    return AnswerTokens(tuple(sides["yes"]), tuple(sides["no"]))
+    seen: dict[int, str] = {}
+    for side, ids in sides.items():
+        for token in ids:
+            if token in seen:
+                raise AnswerTokenError(f"token id {token} spells both {seen[token]!r} and {side!r}")
+            seen[token] = side
+    return AnswerTokens(tuple(sides["yes"]), tuple(sides["no"]),
+                        tuple(sides[unsure]) if unsure else ())
 
 
 def _single_token_ids(tokenizer: _Tokenizer, words: Sequence[str]) -> list[int]:
@@ -74,15 +92,16 @@ def score_from_logits(logits: Sequence[float], tokens: AnswerTokens) -> float:
 
 
 def score_from_token_logprobs(logprobs: Mapping[int, float], tokens: AnswerTokens) -> float:
-    """Score from per-token logits/log-probabilities; ids not in `logprobs` have zero mass."""
+    """Score from per-token logits/log-probabilities; ids not in `logprobs` have zero mass.
+    `no` below is all the mass against yes (no and the unsure answer)."""
     yes = [logprobs[i] for i in tokens.yes_ids if i in logprobs and logprobs[i] > -math.inf]
-    no = [logprobs[i] for i in tokens.no_ids if i in logprobs and logprobs[i] > -math.inf]
+    no = [logprobs[i] for i in tokens.against_ids if i in logprobs and logprobs[i] > -math.inf]
     if not yes:
         return 0.0
     if not no:
         return 1.0
     log_yes, log_no = _logsumexp(yes), _logsumexp(no)
-    # p_yes / (p_yes + p_no) = sigmoid(log_yes - log_no), computed without overflow.
+    # p_yes / (p_yes + p_against) = sigmoid(log_yes - log_no), computed without overflow.
     diff = log_yes - log_no
     if diff >= 0:
         return 1.0 / (1.0 + math.exp(-diff))

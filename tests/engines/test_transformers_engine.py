@@ -142,7 +142,7 @@ def _force_round_trip_summaries(engine) -> tuple[list[int], list[int]]:
 
     def unforced(batch, rows):
         forcing[0] = False
-        reused.extend(n for _, _, n in rows)
+        reused.extend(n for _, _, n, _ in rows)
         try:
             return score_rows(batch, rows)
         finally:

@@ -100,6 +100,23 @@ def hand_scores(tiny_model_dir, tiny_engine) -> list[float]:
 
 
 @pytest.mark.vllm
+def test_an_unsure_answer_counts_against_yes_as_in_the_transformers_engine(vllm_engine,
+                                                                         tiny_engine):
+    """A wording that offers a third answer (prompts.PromptTemplate.unsure_answer): vLLM asks
+    for its spellings' logprobs too, and a call may mix it with yes/no wordings."""
+    from dataclasses import replace
+
+    unsure = replace(prompts.DEFAULT_TEMPLATE, unsure_answer="fracture")  # one tiny-model token
+    effusion = load_condition("pleural_effusion")
+    reports = ["IMPRESSION: Small left pleural effusion.", "Possible fracture of a rib."]
+    mixed = [prompts.direct_conversation(t, effusion, r)
+             for r in reports for t in (prompts.DEFAULT_TEMPLATE, unsure)]
+    expected = tiny_engine.score(mixed)
+    assert vllm_engine.score(mixed) == pytest.approx(expected, abs=TOLERANCE)
+    assert expected[1] < expected[0] and expected[3] < expected[2]
+
+
+@pytest.mark.vllm
 def test_scores_match_transformers_engine(vllm_engine, tiny_engine):
     assert vllm_engine.formatter.answer_tokens == tiny_engine.formatter.answer_tokens
     expected = tiny_engine.score(CONVERSATIONS)

@@ -131,8 +131,38 @@ def test_no_single_token_yes_raises():
 
 
 def test_shared_id_for_yes_and_no_raises():
-    with pytest.raises(AnswerTokenError, match=r"token ids \[5\] spell both yes and no"):
+    with pytest.raises(AnswerTokenError, match=r"token id 5 spells both 'yes' and 'no'"):
         answer_tokens(DictTokenizer({"yes": 5, "no": 5, " no": 6}))
+
+
+# --- a third, unsure answer -----------------------------------------------------------------
+
+
+def test_unsure_answer_spellings_are_found_like_yes_and_no():
+    vocab = {"yes": 1, "no": 2, "maybe": 3, " Maybe": 4, "MAYBE": 5}
+    tokens = answer_tokens(DictTokenizer(vocab), unsure="maybe")
+    assert tokens == AnswerTokens(yes_ids=(1,), no_ids=(2,), unsure_ids=(3, 4))
+    assert tokens.all_ids == [1, 2, 3, 4] and tokens.against_ids == [2, 3, 4]
+    assert answer_tokens(DictTokenizer(vocab)).unsure_ids == ()
+
+
+def test_unsure_answer_without_a_single_token_or_shared_with_yes_raises():
+    with pytest.raises(AnswerTokenError, match=r"no single-token spelling of \['perhaps'\]"):
+        answer_tokens(DictTokenizer({"yes": 1, "no": 2}), unsure="perhaps")
+    with pytest.raises(AnswerTokenError, match=r"token id 1 spells both 'yes' and 'Yes'"):
+        answer_tokens(DictTokenizer({"yes": 1, "no": 2}), unsure="Yes")
+
+
+def test_unsure_mass_counts_against_yes():
+    tokens = AnswerTokens(yes_ids=(YES,), no_ids=(NO,), unsure_ids=(9,))
+    logits = vocab_logits(t3=math.log(0.5), t7=math.log(0.2), t9=math.log(0.3))
+    assert score_from_logits(logits, tokens) == pytest.approx(0.5, abs=1e-12)
+    assert score_from_logits(logits, ONE_EACH) == pytest.approx(0.5 / 0.7, abs=1e-12)
+    # Logprobs restricted to the answer ids (vLLM) give the same; no unsure mass: yes/no.
+    logprobs = {YES: math.log(0.5), NO: math.log(0.2), 9: math.log(0.3)}
+    assert score_from_token_logprobs(logprobs, tokens) == pytest.approx(0.5, abs=1e-12)
+    del logprobs[9]
+    assert score_from_token_logprobs(logprobs, tokens) == pytest.approx(0.5 / 0.7, abs=1e-12)
 
 
 # --- answer_tokens: real tokenizers -------------------------------------------------------------
@@ -208,6 +238,24 @@ def test_engine_yes_scores_matches_score_from_logits(scale):
     expected = [score_from_logits(row.tolist(), tokens) for row in logits.double()]
     assert vectorised.tolist() == pytest.approx(expected, abs=1e-6)
     assert len(set(expected)) > 1  # rows differ, so a row mix-up would show
+
+
+def test_engine_row_scores_give_each_row_its_own_answer_tokens():
+    """A call may mix wordings with and without an unsure answer: each row is scored with its
+    own answer tokens, as score_from_logits would."""
+    torch = pytest.importorskip("torch")
+    from ray_app.engines.tensors import row_scores
+
+    logits = torch.randn(6, 32, generator=torch.Generator().manual_seed(2)) * 4
+    plain = AnswerTokens(yes_ids=(5, 9), no_ids=(2,))
+    unsure = AnswerTokens(yes_ids=(5, 9), no_ids=(2,), unsure_ids=(17,))
+    answers = [plain, unsure, unsure, plain, unsure, plain]
+    expected = [score_from_logits(row.tolist(), tokens) for row, tokens in zip(logits, answers)]
+    assert row_scores(logits, answers) == pytest.approx(expected, abs=1e-6)
+    assert row_scores(logits, [unsure] * 6) == pytest.approx(
+        [score_from_logits(row.tolist(), unsure) for row in logits], abs=1e-6)
+    assert all(row_scores(logits, [unsure] * 6)[r] < row_scores(logits, [plain] * 6)[r]
+               for r in range(6))
 
 
 def test_engine_yes_scores_keeps_leading_dimensions():
