@@ -25,18 +25,20 @@ def yes_scores(logits: torch.Tensor, tokens: AnswerTokens) -> torch.Tensor:
     return torch.sigmoid(log_yes - log_against)
 
 
-def row_scores(logits: torch.Tensor, answers: Sequence[AnswerTokens]) -> list[float]:
-    """yes_scores of logits [rows, vocab], each row with its own answer tokens (a call may mix
-    wordings with and without an unsure answer); one pass per distinct set, and no copy of the
-    logits when all rows share one (the usual case: one wording per run)."""
-    if len(set(answers)) == 1:
-        return yes_scores(logits, answers[0]).tolist()
+def row_scores(logits: torch.Tensor, answers: Sequence[AnswerTokens],
+               at: tuple[torch.Tensor, ...] | None = None) -> list[float]:
+    """yes_scores of logits [..., vocab], each answer with its own answer tokens (a call may
+    mix wordings with and without an unsure answer). Answer r is at logits[r], or, with `at`
+    (index tensors into the leading dimensions), at logits[at][r]. The answer columns are taken
+    over all positions first, once per distinct set, and indexed after: indexing the logits
+    first would copy a whole vocabulary per answer (yes_scores)."""
     scores = [0.0] * len(answers)
     for tokens in set(answers):
-        rows = [r for r, row_tokens in enumerate(answers) if row_tokens == tokens]
-        picked = logits[torch.tensor(rows, device=logits.device)]
-        for r, value in zip(rows, yes_scores(picked, tokens).tolist()):
-            scores[r] = value
+        values = yes_scores(logits, tokens)
+        values = (values[at] if at is not None else values).tolist()
+        for r, row_tokens in enumerate(answers):
+            if row_tokens == tokens:
+                scores[r] = values[r]
     return scores
 
 

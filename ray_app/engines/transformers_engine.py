@@ -222,7 +222,7 @@ class TransformersEngine(Engine):
         row_of = torch.tensor([r for r, (g, _) in enumerate(groups) for _ in g], device=self.device)
         slot_of = torch.tensor([j for g, _ in groups for j in range(len(g))], device=self.device)
         members = [i for g, _ in groups for i in g]
-        values = row_scores(logits[row_of, slot_of], [answers[i] for i in members])
+        values = row_scores(logits, [answers[i] for i in members], at=(row_of, slot_of))
         for i, value in zip(members, values):
             out[i] = value
 

@@ -256,6 +256,13 @@ def test_engine_row_scores_give_each_row_its_own_answer_tokens():
         [score_from_logits(row.tolist(), unsure) for row in logits], abs=1e-6)
     assert all(row_scores(logits, [unsure] * 6)[r] < row_scores(logits, [plain] * 6)[r]
                for r in range(6))
+    # Packed rows: answers at [row, slot] positions of [rows, slots, vocab] logits.
+    packed = logits.reshape(2, 3, 32)
+    row_of, slot_of = torch.tensor([1, 0, 1, 0]), torch.tensor([2, 0, 0, 1])
+    picked = [packed[r, k] for r, k in zip(row_of.tolist(), slot_of.tolist())]
+    expected = [score_from_logits(row.tolist(), t) for row, t in zip(picked, answers[:4])]
+    assert row_scores(packed, answers[:4], at=(row_of, slot_of)) == pytest.approx(expected,
+                                                                                  abs=1e-6)
 
 
 def test_engine_yes_scores_keeps_leading_dimensions():
