@@ -93,7 +93,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
         threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.num_workers)
         torch.set_num_threads(threads)
     start = ray.get(config["start"]) if config.get("start") is not None else None
-    train_worker(cfg, ray.get(config["train"]), ray.get(config["eval"]), ctx, start)
+    train_worker(cfg, ray.get(config["train"]), ray.get(config["eval"]), ctx, start,
+                 unsure=config.get("unsure", ""))
 
 
 class RayWorkerContext:
@@ -170,7 +171,7 @@ def worker_placement(cfg: FinetuneConfig):
 
 def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
                  heldout: list[TokenisedExample], where=None,
-                 start: dict[str, bytes] | None = None):
+                 start: dict[str, bytes] | None = None, unsure: str = ""):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -182,7 +183,7 @@ def make_trainer(cfg: FinetuneConfig, train: list[TokenisedExample],
         _worker_entry,
         train_loop_config={"cfg": asdict(cfg), "train": ray.put(train), "eval": ray.put(heldout),
                            "use_gpu": where.use_gpu, "run_dir": run_dir,
-                           "start": ray.put(start) if start else None},
+                           "start": ray.put(start) if start else None, "unsure": unsure},
         torch_config=TorchConfig(backend=placement.ddp_backend(where.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=where.use_gpu,
                                      resources_per_worker=where.worker_resources()),
@@ -199,10 +200,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     started, started_at = time.monotonic(), utc_now()
     start, start_info = read_init_adapter(cfg)
-    train, heldout, data_info = prepare_data(cfg, load_tokenizer(cfg.model))
+    tokenizer = load_tokenizer(cfg.model)
+    train, heldout, data_info = prepare_data(cfg, tokenizer)
+    unsure = labeller_unsure(cfg, tokenizer)
     ensure_ray()
     where = worker_placement(cfg)
-    result = make_trainer(cfg, train, heldout, where, start).fit()
+    result = make_trainer(cfg, train, heldout, where, start, unsure).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint: {result.error}")
     provenance = {
@@ -282,16 +285,35 @@ def merge_adapter(model_spec: str, adapter: str, target: str) -> None:
     log.info("merged model written to %s", target)
 
 
+def _labeller_prompt(cfg: FinetuneConfig):
+    """The labeller's conditions and the wording the label job will ask them with."""
+    from ray_app.labelling.conditions import load_conditions
+    from ray_app.labelling.prompts import run_prompt
+
+    conditions = load_conditions(cfg.conditions)
+    return conditions, run_prompt(conditions, cfg.prompt)
+
+
+def labeller_unsure(cfg: FinetuneConfig, tokenizer: Any) -> str:
+    """The unsure answer ('maybe') the labeller's wording offers, '' for yes/no: held-out
+    scores then count it against yes, as the label job will. Checked against the tokenizer on
+    the driver, so a word it cannot score stops the job before any worker loads the model."""
+    if cfg.mode != "labeller":
+        return ""
+    from ray_app.labelling.scoring import answer_tokens
+
+    unsure = _labeller_prompt(cfg)[1].unsure_answer
+    answer_tokens(tokenizer, unsure)
+    return unsure
+
+
 def _prompt_provenance(cfg: FinetuneConfig) -> dict[str, Any]:
     """Labeller: the prompt and definitions trained on (labels from the adapter are only
     meaningful with the same ones)."""
     if cfg.mode != "labeller":
         return {}
-    from ray_app.labelling.conditions import load_conditions
-    from ray_app.labelling.prompts import run_prompt
-
-    conditions = load_conditions(cfg.conditions)
-    return {"prompt_hash": run_prompt(conditions, cfg.prompt).template_hash("direct"),
+    conditions, template = _labeller_prompt(cfg)
+    return {"prompt_hash": template.template_hash("direct"),
             "definition_hashes": {c.name: c.definition_hash() for c in conditions}}
 
 

@@ -173,10 +173,12 @@ class RunState:
 
 def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
                  heldout: Sequence[TokenisedExample], ctx: WorkerContext,
-                 start: dict[str, bytes] | None = None) -> RunState:
+                 start: dict[str, bytes] | None = None, unsure: str = "") -> RunState:
     """Train, checkpointing every `checkpoint_every` steps and at the end; resume from the
     context's checkpoint if it has one. Held-out evaluation before (fresh runs) and after.
-    `start`: the files of an adapter to go on training (`init_adapter`), else fresh LoRA."""
+    `start`: the files of an adapter to go on training (`init_adapter`), else fresh LoRA.
+    `unsure`: the labeller wording's unsure answer (ray_job.labeller_unsure), which held-out
+    scores count against yes as the label job does; training targets stay yes and no."""
     dtype = resolve_dtype(cfg.dtype, ctx.device)
     log.info("worker %d trains on %s in %s", ctx.rank, ctx.device, dtype)
     model, tokenizer = load_base(cfg.model, dtype)
@@ -185,7 +187,7 @@ def train_worker(cfg: FinetuneConfig, train: Sequence[TokenisedExample],
     peft_model = model
     model = ctx.wrap(model)
     optimizer, scheduler = _optimizer(model, cfg, optimizer_state)
-    evaluate = _Evaluator(cfg, heldout, tokenizer, peft_model, ctx, dtype)
+    evaluate = _Evaluator(cfg, heldout, tokenizer, peft_model, ctx, dtype, unsure)
     if state.eval_before is None and state.step == 0:
         state.eval_before = evaluate()
     state.world_size, state.dtype = ctx.world_size, str(dtype).removeprefix("torch.")
@@ -271,10 +273,10 @@ class _Evaluator:
     """Held-out loss on target tokens (all modes), yes/no metrics (labeller), ROUGE
     (impression); each worker takes its share, rank 0 gets the totals."""
 
-    def __init__(self, cfg, heldout, tokenizer, model, ctx, dtype):
+    def __init__(self, cfg, heldout, tokenizer, model, ctx, dtype, unsure=""):
         self.cfg, self.heldout, self.tokenizer, self.model, self.ctx, self.dtype = (
             cfg, list(heldout), tokenizer, model, ctx, dtype)
-        self.answers = answer_tokens(tokenizer) if cfg.mode == "labeller" else None
+        self.answers = answer_tokens(tokenizer, unsure) if cfg.mode == "labeller" else None
 
     def __call__(self) -> dict[str, Any] | None:
         if not self.heldout:

@@ -120,3 +120,36 @@ def test_a_run_goes_on_from_an_earlier_run_s_adapter(runs, tmp_path):
                                                               rel=1e-4)
     assert provenance["init_adapter"]["steps"] == first["steps"]
     assert provenance["init_adapter"]["lora"]["r"] == 16
+
+
+def test_the_ray_job_scores_held_out_examples_with_the_wordings_unsure_answer(
+        ray_cluster, tiny_model_dir, tmp_path):
+    """The driver finds the wording's unsure answer and the Ray Train workers score with it:
+    the held-out metrics match a one-process run given the word."""
+    import yaml
+
+    from ray_app.finetune.ray_job import labeller_unsure, prepare_data, run_finetune
+    from ray_app.finetune.train import LocalContext, load_tokenizer, train_worker
+
+    reports, truth = write_reports(tmp_path / "data", 8)
+    prompt = tmp_path / "unsure.yaml"  # the tiny tokenizer spells " fracture" as one token
+    prompt.write_text(yaml.safe_dump({
+        "system": "Answer yes, no, or fracture when unsure. Report: {report}",
+        "unsure_answer": "fracture", "name": "tiny_unsure"}))
+    cfg = FinetuneConfig(
+        mode="labeller", train_input=str(reports), train_labels=str(truth),
+        eval_input=str(reports), eval_labels=str(truth), model=str(tiny_model_dir),
+        conditions=["cardiomegaly", "pleural_effusion"], prompt=str(prompt), max_steps=1,
+        batch_size=4, num_workers=1, cpus_per_worker=0.5, torch_threads=1, merge=False,
+        dtype="float32", output=str(tmp_path / "out"))
+    on_ray = run_finetune(cfg)["eval_before"]["labeller"]
+    tokenizer = load_tokenizer(cfg.model)
+    train, heldout, _ = prepare_data(cfg, tokenizer)
+    for unsure, same in (("fracture", True), ("", False)):
+        local = train_worker(cfg, train, heldout, LocalContext(tmp_path / f"local{unsure}"),
+                             unsure=unsure).eval_before["labeller"]
+        for condition in ("cardiomegaly", "pleural_effusion"):
+            match = on_ray[condition]["mean_score"] == pytest.approx(
+                local[condition]["mean_score"], rel=1e-5)
+            assert match == same, (unsure, condition)
+    assert labeller_unsure(cfg, tokenizer) == "fracture"

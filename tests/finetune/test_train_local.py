@@ -203,3 +203,52 @@ def test_bf16_base_with_fp32_lora_weights_learns(data, tiny_model_dir, tmp_path,
 def test_dtype_is_checked():
     with pytest.raises(ValueError, match="dtype 'fp8' is not one of"):
         _config(dtype="fp8")
+
+
+def test_labeller_heldout_scores_count_the_wordings_unsure_answer_against_yes(
+        data, tiny_model_dir, tmp_path):
+    """A wording with an unsure answer: held-out scores are p(yes) / (p(yes) + p(no) +
+    p(unsure)), what the label job will score, not the yes/no split of the same logits."""
+    import torch
+    import yaml
+
+    from ray_app.finetune.evaluation import heldout_pass, labeller_metrics
+    from ray_app.finetune.ray_job import labeller_unsure
+    from ray_app.finetune.train import load_base, pad_id
+    from ray_app.labelling.scoring import answer_tokens
+
+    reports, truth = data
+    prompt = tmp_path / "unsure.yaml"  # the tiny tokenizer spells " fracture" as one token
+    prompt.write_text(yaml.safe_dump({
+        "system": "Answer yes, no, or fracture when unsure. Report: {report}",
+        "unsure_answer": "fracture", "name": "tiny_unsure"}))
+    settings = dict(mode="labeller", train_input=str(reports), train_labels=str(truth),
+                    eval_input=str(reports), eval_labels=str(truth), model=str(tiny_model_dir),
+                    conditions=["cardiomegaly", "pleural_effusion"])
+    cfg = _config(**settings, prompt=str(prompt))
+    tokenizer = load_tokenizer(cfg.model)
+    assert labeller_unsure(cfg, tokenizer) == "fracture"
+    assert labeller_unsure(_config(**settings), tokenizer) == ""  # the conditions' yes/no prompt
+    with pytest.raises(ValueError, match="maybe"):  # five tokens here: refused on the driver
+        labeller_unsure(_config(**settings, prompt="definitions_first_maybe"), tokenizer)
+
+    _, heldout, _ = prepare_data(cfg, tokenizer)
+    model, _ = load_base(cfg.model)
+    cpu, pad = torch.device("cpu"), pad_id(tokenizer)
+    with_unsure = heldout_pass(model, heldout, 4, pad, cpu,
+                               answer_tokens(tokenizer, "fracture")).scores
+    yes_no = heldout_pass(model, heldout, 4, pad, cpu, answer_tokens(tokenizer)).scores
+    assert with_unsure.keys() == yes_no.keys() and len(yes_no) == 16
+    assert all(with_unsure[k] < yes_no[k] for k in yes_no)
+    # The training run's evaluator gets the word through train_worker: before the first step
+    # (a fresh LoRA adds nothing) its metrics are those of the unsure scores above.
+    state = train_worker(replace(cfg, max_steps=1), heldout[:4], heldout,
+                         LocalContext(tmp_path / "run"), unsure="fracture")
+    yes = answer_tokens(tokenizer).yes_ids
+    truth = {e.example_id: int(e.labels[-1] in yes) for e in heldout}
+    got = state.eval_before["labeller"]
+    for condition, expected in labeller_metrics(with_unsure, truth).items():
+        assert got[condition]["mean_score"] == pytest.approx(expected["mean_score"], rel=1e-5)
+        assert got[condition]["auroc"] == pytest.approx(expected["auroc"])
+        assert got[condition]["mean_score"] < labeller_metrics(yes_no, truth)[condition][
+            "mean_score"] - 1e-3
