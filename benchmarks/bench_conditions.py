@@ -320,9 +320,12 @@ def main() -> None:
                     use_version(engine, engine_code, timers, swapped)
                     labeller = Labeller(engine, conditions[:k], "direct", template)
                     timers.reset()
-                    # Every prompt is new to a run: no render kept from an earlier round (a run
-                    # keeps its preambles' tokens and KV, computed in the warm-up here).
-                    getattr(engine.formatter, "_rendered", {}).clear()
+                    # Every prompt is new to a run: no render kept from an earlier round, nor
+                    # any tokenizer check of what follows a preamble (ChatFormatter.
+                    # encode_prompts), as in a run's first reports; a run keeps its preambles'
+                    # tokens and KV, computed in the warm-up here.
+                    for kept in ("_rendered", "_splits"):
+                        getattr(engine.formatter, kept, {}).clear()
                     start, cpu_start = time.perf_counter(), time.process_time()
                     rows = labeller.label(tasks)
                     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start

@@ -127,14 +127,17 @@ _UNCOUNTED_TOKENS = 64
 
 def _split_key(head: str, text: str) -> tuple[str, str] | None:
     """What decides whether `text` tokenizes as its preamble `head`'s tokens and then its own:
-    the preamble and the next _SPLIT_LOOKAHEAD characters, which must include a non-space one
-    (a tokenizer's split at the preamble's closing line break depends on what follows it up to
-    its first non-space character, no further). None otherwise: such a text is tokenized whole."""
+    the preamble and what follows it up to and including its first non-space character (a
+    tokenizer's split at the preamble's closing line break depends on that, no further: a
+    pre-tokenizer's pattern looks ahead across spaces only, and from that character on it reads
+    the rest as it would alone). None when no non-space character comes within
+    _SPLIT_LOOKAHEAD characters: such a text is tokenized whole."""
     after = text[len(head) : len(head) + _SPLIT_LOOKAHEAD]
-    return (head, after) if after.strip() else None
+    rest = after.lstrip()
+    return (head, after[: len(after) - len(rest) + 1]) if rest else None
 
 
-#: Characters after a preamble that key the tokenizer check (_split_key).
+#: Characters after a preamble searched for its first non-space one (_split_key).
 _SPLIT_LOOKAHEAD = 16
 #: (preamble, start) pairs checked per formatter; past this, new ones are tokenized whole.
 _KEPT_SPLITS = 4096
@@ -213,8 +216,9 @@ class ChatFormatter:
     def encode_prompts(self, texts: list[str], heads: list[str]) -> list[list[int]]:
         """Token ids of the rendered texts (`heads`: their preamble_head), in one tokenizer
         call. A text with a preamble is tokenized after it (the preamble's tokens are kept) once
-        a text with the same preamble and the same start after it has shown that tokenizing the
-        two apart gives its whole tokens: a definitions-first prompt is ~500 preamble tokens and
+        a text with the same preamble and the same first non-space character after it
+        (_split_key; checked before the call's texts are tokenized) has shown that tokenizing
+        the two apart gives its whole tokens: a definitions-first prompt is ~500 preamble tokens and
         ~20-150 of its own, and tokenizing every preamble again was the largest part of the
         engine's own time where the model's is small (a GPU). The preamble ends with a line
         break, which byte-level BPE tokenizers (Qwen, SmolLM2, Llama 3) never merge across, and
@@ -222,15 +226,26 @@ class ChatFormatter:
         tokenizer that merges across it or adds a word-start piece fails the check and keeps
         tokenizing whole texts."""
         keys = [_split_key(h, t) if h else None for h, t in zip(heads, texts)]
+        self._check_splits(texts, heads, keys)
         split = [key is not None and self._splits.get(key) is True for key in keys]
         ids = self.encode([t[len(h):] if s else t for t, h, s in zip(texts, heads, split)])
-        for i, (key, s) in enumerate(zip(keys, split)):
-            if s:
-                ids[i] = self._preamble_tokens[heads[i]] + ids[i]
-            elif key is not None and key not in self._splits and len(self._splits) < _KEPT_SPLITS:
-                tail = self.encode([texts[i][len(heads[i]):]])[0]
-                self._splits[key] = ids[i] == self._preamble_tokens[heads[i]] + tail
-        return ids
+        return [self._preamble_tokens[h] + i if s else i for i, h, s in zip(ids, heads, split)]
+
+    def _check_splits(self, texts: list[str], heads: list[str], keys: list) -> None:
+        """For each key not seen before, whether its first text tokenizes whole as its
+        preamble's tokens and then its own: one tokenizer call for all of them."""
+        first: dict[tuple[str, str], int] = {}
+        for i, key in enumerate(keys):
+            if key is not None and key not in self._splits and key not in first:
+                if len(self._splits) + len(first) >= _KEPT_SPLITS:
+                    break
+                first[key] = i
+        if not first:
+            return
+        picked = list(first.values())
+        ids = self.encode([texts[i] for i in picked] + [texts[i][len(heads[i]):] for i in picked])
+        for n, (key, i) in enumerate(first.items()):
+            self._splits[key] = ids[n] == self._preamble_tokens[heads[i]] + ids[len(picked) + n]
 
     def preamble_ids(self, head: str) -> list[int]:
         """The tokens of a preamble that preamble_head returned."""

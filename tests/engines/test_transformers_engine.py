@@ -291,8 +291,23 @@ def test_only_a_preamble_followed_by_text_is_split_off():
     """Where a tokenizer splits at the preamble's closing line break depends on what follows it
     up to its first non-space character: a prompt with only spaces there is tokenized whole."""
     head = "<|im_start|>system\nDefinitions.\n"
-    assert _split_key(head, head + "Report: FINDINGS: x") == (head, "Report: FINDINGS")
+    assert _split_key(head, head + "Report: FINDINGS: x") == (head, "R")
+    assert _split_key(head, head + "  \n Report") == (head, "  \n R")
     assert _split_key(head, head + " " * 20 + "Report") is None
+
+
+def test_prompts_of_many_reports_check_their_preamble_once(tiny_model_dir, monkeypatch):
+    """Every definitions-first prompt goes on after its preamble with "Report: ", whatever its
+    report or sentence: one check for all of them, before the first call's texts are tokenized,
+    so not even the first call tokenizes their preambles again."""
+    engine = make_engine(EngineConfig(dtype="float32", model=str(tiny_model_dir)))
+    texts, heads = _definitions_first_prompts(engine)
+    whole = engine.formatter.encode(texts)
+    seen = _spy_encode(engine, monkeypatch)
+    assert engine.formatter.encode_prompts(texts, heads) == whole
+    assert len(engine.formatter._splits) == 1
+    assert sum(t.startswith(heads[0]) for t in seen) == 1  # the check's whole text
+    assert len(seen) == len(texts) + 2
 
 
 def test_a_tokenizer_that_splits_the_preamble_otherwise_keeps_whole_prompts(tiny_model_dir,
