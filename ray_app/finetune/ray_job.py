@@ -48,13 +48,8 @@ def build_examples(cfg: FinetuneConfig, reports_uri: str, labels_uri: str | None
         return datasets.summary_examples(reports, cfg.summary_kinds)
     if cfg.mode == "impression":
         return datasets.impression_examples(reports)
-    from ray_app.labelling.conditions import load_conditions
-    from ray_app.labelling.prompts import run_prompt
-
     labels = datasets.read_labels(labels_uri or "")
-    conditions = load_conditions(cfg.conditions)
-    return datasets.labeller_examples(reports, labels, conditions,
-                                      run_prompt(conditions, cfg.prompt))
+    return datasets.labeller_examples(reports, labels, *_labeller_prompt(cfg))
 
 
 def prepare_data(cfg: FinetuneConfig, tokenizer: Any

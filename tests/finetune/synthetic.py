@@ -37,3 +37,15 @@ def write_reports(folder: Path, n: int, name: str = "reports") -> tuple[Path, Pa
                var_name="condition", value_name="label").assign(level="")[
         ["report_id", "condition", "level", "label"]].to_csv(truth, index=False)
     return reports, truth
+
+
+def write_unsure_prompt(folder: Path) -> Path:
+    """A prompt file offering the unsure answer 'fracture': the tiny test tokenizer spells
+    " fracture" as one token (and "maybe" as five)."""
+    import yaml
+
+    path = folder / "unsure.yaml"
+    path.write_text(yaml.safe_dump({
+        "system": "Answer yes, no, or fracture when unsure. Report: {report}",
+        "unsure_answer": "fracture", "name": "tiny_unsure"}))
+    return path

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from synthetic import write_reports
+from synthetic import write_reports, write_unsure_prompt
 
 from ray_app.engines import EngineConfig, make_engine
 from ray_app.finetune.config import FinetuneConfig
@@ -126,16 +126,11 @@ def test_the_ray_job_scores_held_out_examples_with_the_wordings_unsure_answer(
         ray_cluster, tiny_model_dir, tmp_path):
     """The driver finds the wording's unsure answer and the Ray Train workers score with it:
     the held-out metrics match a one-process run given the word."""
-    import yaml
-
     from ray_app.finetune.ray_job import labeller_unsure, prepare_data, run_finetune
     from ray_app.finetune.train import LocalContext, load_tokenizer, train_worker
 
     reports, truth = write_reports(tmp_path / "data", 8)
-    prompt = tmp_path / "unsure.yaml"  # the tiny tokenizer spells " fracture" as one token
-    prompt.write_text(yaml.safe_dump({
-        "system": "Answer yes, no, or fracture when unsure. Report: {report}",
-        "unsure_answer": "fracture", "name": "tiny_unsure"}))
+    prompt = write_unsure_prompt(tmp_path)
     cfg = FinetuneConfig(
         mode="labeller", train_input=str(reports), train_labels=str(truth),
         eval_input=str(reports), eval_labels=str(truth), model=str(tiny_model_dir),

@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
-from synthetic import write_reports
+from synthetic import write_reports, write_unsure_prompt
 
 from ray_app.finetune.config import FinetuneConfig
 from ray_app.finetune.ray_job import (
@@ -210,7 +210,6 @@ def test_labeller_heldout_scores_count_the_wordings_unsure_answer_against_yes(
     """A wording with an unsure answer: held-out scores are p(yes) / (p(yes) + p(no) +
     p(unsure)), what the label job will score, not the yes/no split of the same logits."""
     import torch
-    import yaml
 
     from ray_app.finetune.evaluation import heldout_pass, labeller_metrics
     from ray_app.finetune.ray_job import labeller_unsure
@@ -218,10 +217,7 @@ def test_labeller_heldout_scores_count_the_wordings_unsure_answer_against_yes(
     from ray_app.labelling.scoring import answer_tokens
 
     reports, truth = data
-    prompt = tmp_path / "unsure.yaml"  # the tiny tokenizer spells " fracture" as one token
-    prompt.write_text(yaml.safe_dump({
-        "system": "Answer yes, no, or fracture when unsure. Report: {report}",
-        "unsure_answer": "fracture", "name": "tiny_unsure"}))
+    prompt = write_unsure_prompt(tmp_path)
     settings = dict(mode="labeller", train_input=str(reports), train_labels=str(truth),
                     eval_input=str(reports), eval_labels=str(truth), model=str(tiny_model_dir),
                     conditions=["cardiomegaly", "pleural_effusion"])
